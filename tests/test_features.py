@@ -1,0 +1,28 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from traineagle3.draft import default_aux_layers, to_vllm_layer_ids
+from traineagle3.features import TargetFeatures
+from traineagle3.vocab import VocabMap
+
+
+def test_hooked_features_equal_hidden_state_slices_and_teacher_is_draft_vocab_logits(tiny_target):
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
+    target.lm_head.weight.data *= 20  # peaked logits, so top-1 tokens vary
+    ids = torch.randint(0, target.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = target(ids, output_hidden_states=True)
+    layers = [1, 2, 3]
+    top = ref.logits.argmax(-1)
+    vm = VocabMap(torch.unique(torch.cat([top[0, :12], torch.arange(100)])), target.config.vocab_size)
+    f = TargetFeatures(target, layers, vm)(ids)
+    torch.testing.assert_close(f.aux_hidden, torch.cat([ref.hidden_states[i] for i in layers], -1))
+    torch.testing.assert_close(f.teacher, ref.logits[..., vm.draft_ids], rtol=1e-4, atol=1e-4)
+    assert torch.equal(f.teacher_ok, vm.t2d[top])
+    assert f.teacher_ok.any() and not f.teacher_ok.all()
+
+
+def test_layer_numbering():
+    assert default_aux_layers(32) == [2, 16, 29]
+    assert to_vllm_layer_ids([1, 15, 28], "sglang") == [2, 16, 29]
+    assert to_vllm_layer_ids([2, 16, 29], "vllm") == [2, 16, 29]

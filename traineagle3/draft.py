@@ -1,0 +1,149 @@
+"""The EAGLE-3 draft: one Llama decoder layer fed by the target's fused features.
+
+    x_emb  = embed_tokens(token)                          (target's, frozen)
+    h      = fc(concat(low, mid, high))                   (step 0)  | previous draft hidden
+    a      = self_attn(concat(input_layernorm(x_emb), hidden_norm(h)))   (2H -> heads)
+    h'     = h + a;   h'' = h' + mlp(post_attention_layernorm(h'))
+    logits = lm_head(norm(h''))   over the draft vocabulary;   h'' feeds the next step
+
+Parameter names are those of the EAGLE-3 checkpoints that vLLM and SGLang load
+(`midlayer.*`, `fc`, `norm`, `lm_head`, `d2t`, `t2d`), so a state dict saves as-is.
+The residual is the un-normalised hidden (`norm_before_residual: false`), as in the
+original EAGLE-3 Llama drafts and the engines' default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from .ttt import TTTResult, ttt_attention, ttt_unroll
+
+DERIVED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "intermediate_size", "rms_norm_eps", "vocab_size", "max_position_embeddings",
+                  "hidden_act", "bos_token_id", "eos_token_id", "rope_parameters")
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """vLLM's default EAGLE-3 capture points: the inputs of layers 2, L//2 and L-3."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def to_vllm_layer_ids(ids: list[int], numbering: str) -> list[int]:
+    """vLLM counts "input of layer k"; SGLang counts "output of layer k" = input of k+1."""
+    if numbering == "vllm":
+        return list(ids)
+    if numbering == "sglang":
+        return [i + 1 for i in ids]
+    raise ValueError(f"aux layer numbering must be 'vllm' or 'sglang', not {numbering!r}")
+
+
+def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: list[int],
+                        overrides: dict | None = None) -> LlamaConfig:
+    """The draft's config: the target's shapes, RoPE and eps, one layer, its own vocab."""
+    target_config = getattr(target_config, "text_config", target_config)
+    fields = {k: getattr(target_config, k) for k in DERIVED_FIELDS if getattr(target_config, k, None) is not None}
+    fields.setdefault("head_dim", target_config.hidden_size // target_config.num_attention_heads)
+    fields.update(overrides or {})
+    L = target_config.num_hidden_layers
+    if not all(0 <= i < L for i in aux_layer_ids) or len(aux_layer_ids) != 3:
+        raise ValueError(f"need 3 aux layer ids in [0, {L}) (vLLM numbering), got {aux_layer_ids}")
+    cfg = LlamaConfig(
+        **fields,
+        num_hidden_layers=1,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLMEagle3"],
+    )
+    cfg.draft_vocab_size = min(draft_vocab_size, cfg.vocab_size)
+    cfg.target_hidden_size = target_config.hidden_size
+    cfg.target_num_hidden_layers = L
+    cfg.eagle_aux_hidden_state_layer_ids = list(aux_layer_ids)
+    cfg.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids), "use_aux_hidden_state": True}
+    cfg.norm_before_residual = False
+    return cfg
+
+
+def load_overrides(path: str | None) -> dict:
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+class Eagle3Attention(nn.Module):
+    """Llama attention whose q/k/v read the 2H concat; TTT steps share one key cache."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(2 * cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: list):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cache.append((k, v))
+        out = ttt_attention(q, [c[0] for c in cache], [c[1] for c in cache], 1 / math.sqrt(self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.hidden_norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Eagle3Attention(cfg)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, embeds, hidden, cos, sin, cache):
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        hidden = hidden + self.self_attn(x, cos, sin, cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(cfg)
+        self.norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        # Kept out of the module tree so that bf16/fp16 casts (DeepSpeed casts every
+        # buffer) never round the RoPE frequencies: RoPE must equal the engines' fp32 one.
+        self._rope = [LlamaRotaryEmbedding(cfg)]
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
+
+    def forward(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
+                decay: float = 0.8, loss_type: str = "soft") -> TTTResult:
+        """A whole training-time-test unroll (see ttt.py); the engine's forward."""
+        return ttt_unroll(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps, decay, loss_type)
+
+    def step(self, input_ids, hidden, position_ids, cache: list):
+        """One TTT / drafting step: returns (logits over the draft vocab, next hidden)."""
+        embeds = self.embed_tokens(input_ids).to(hidden.dtype)
+        rope = self._rope[0].to(hidden.device)
+        cos, sin = rope(hidden, position_ids)
+        hidden = self.midlayer(embeds, hidden, cos, sin, cache)
+        return self.lm_head(self.norm(hidden)), hidden
+
+    def serving_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights as serving engines load them: no embedding (they share the target's)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens.")}

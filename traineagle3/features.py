@@ -1,0 +1,56 @@
+"""What the frozen target gives the draft: fused low/mid/high features and a teacher.
+
+Forward pre-hooks capture the inputs of the three aux layers (vLLM's numbering: id k
+is the input of decoder layer k, i.e. `output_hidden_states[k]`), so no other layer's
+hidden state is kept.  The base model is run without its `lm_head`; the teacher is
+the last hidden state times only the draft-vocabulary rows of `lm_head`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .vocab import VocabMap
+
+
+@dataclass
+class Features:
+    aux_hidden: torch.Tensor  # [B, L, 3H]: inputs of the three aux layers, low..high
+    teacher: torch.Tensor  # [B, L, V_draft]: target logits over the draft vocabulary
+    teacher_ok: torch.Tensor  # [B, L]: the target's top-1 token is in the draft vocabulary
+
+
+class TargetFeatures:
+    def __init__(self, target, aux_layer_ids: list[int], vocab: VocabMap, argmax_chunk: int = 256):
+        self.target = target.eval().requires_grad_(False)
+        self.aux_layer_ids = list(aux_layer_ids)
+        self.argmax_chunk = argmax_chunk
+        self._captured: dict[int, torch.Tensor] = {}
+        layers = target.model.layers
+        for i in self.aux_layer_ids:
+            layers[i].register_forward_pre_hook(self._capture(i), with_kwargs=True)
+        weight = target.get_output_embeddings().weight
+        self.identity = vocab.draft_vocab_size == vocab.vocab_size
+        self.draft_head = weight.detach()[vocab.draft_ids.to(weight.device)].clone()
+        self.t2d = vocab.t2d.to(weight.device)
+
+    def _capture(self, i: int):
+        def hook(module, args, kwargs):
+            self._captured[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> Features:
+        # Right padding only, so valid positions never see padding: no attention mask needed.
+        last = self.target.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        aux = torch.cat([self._captured.pop(i) for i in self.aux_layer_ids], dim=-1)
+        teacher = last @ self.draft_head.T
+        if self.identity:
+            ok = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        else:  # the full-vocabulary top-1, a chunk of positions at a time
+            weight = self.target.get_output_embeddings().weight
+            top = torch.cat([(c @ weight.T).argmax(-1) for c in last.split(self.argmax_chunk, dim=1)], dim=1)
+            ok = self.t2d[top]
+        return Features(aux, teacher, ok)

@@ -1,0 +1,213 @@
+"""Train an EAGLE-3 draft for a frozen Llama-family target.
+
+    cd traineagle3/llama && deepspeed main.py --deepspeed_config ds_config.json
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 main.py --deepspeed_config ds_config_cpu.json
+
+Every rank holds the frozen target as a plain module; DeepSpeed (ZeRO) owns only the
+draft.  Flags override the fields of --config (see --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from traineagle3 import checkpoint
+from traineagle3.config import TrainConfig, add_arguments, from_args, to_dict
+from traineagle3.data import DataConfig, collate, dataset_key, epoch_batches, load_tokenized, split_train_test
+from traineagle3.default_model import cache_root, resolve_target
+from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
+from traineagle3.features import TargetFeatures
+from traineagle3.metrics import MetricsLog, StepStats
+from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
+
+log = logging.getLogger("traineagle3")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_arguments(parser)
+    deepspeed.add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group; a plain `python main.py` is a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
+
+
+def deepspeed_config(path: str, total_steps: int) -> dict:
+    """The user's DeepSpeed JSON with the scheduler's step count filled in."""
+    ds = json.loads(Path(path).read_text())
+    ds.pop("train_batch_size", None)  # implied by micro batch x accumulation x ranks
+    sched = ds.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps", "auto") == "auto" and "scheduler" in ds:
+        sched["total_num_steps"] = max(total_steps, 1)
+        sched["warmup_num_steps"] = min(sched.get("warmup_num_steps", 0), max(total_steps - 1, 0))
+    return ds
+
+
+def rank0_first(rank: int, fn):
+    """Build a cache on rank 0 first, then let the other ranks read it."""
+    if rank == 0:
+        out = fn()
+    dist.barrier()
+    if rank != 0:
+        out = fn()
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg: TrainConfig = from_args(args)
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(cfg.output_dir)
+    cache = Path(cfg.cache_dir or cache_root())
+
+    # data
+    target_path = rank0_first(rank, lambda: resolve_target(cfg.target))
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def tokenized(source, split):
+        dc = DataConfig(source, split, cfg.max_records, cfg.max_length, cfg.too_long, cfg.num_proc)
+        ds, counts = rank0_first(rank, lambda: load_tokenized(dc, tokenizer, cache))
+        log.info("%s: %d samples; %s", source, len(ds), json.dumps(counts))
+        return ds, dataset_key(dc, tokenizer)
+
+    train_ds, key = tokenized(cfg.train_data, cfg.train_split)
+    if cfg.test_data:
+        test_ds, _ = tokenized(cfg.test_data, "test")
+        train_idx, test_idx = list(range(len(train_ds))), list(range(len(test_ds)))
+    else:
+        test_ds = train_ds
+        train_idx, test_idx = split_train_test(len(train_ds), cfg.test_fraction, cfg.seed)
+        key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
+
+    # target, vocabulary, draft
+    target_dtype = cfg.target_dtype if cfg.target_dtype != "auto" else "float32" if device.type == "cpu" else "bfloat16"
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=getattr(torch, target_dtype)).to(device)
+    tcfg = getattr(target.config, "text_config", target.config)
+    aux = to_vllm_layer_ids(cfg.aux_layers, cfg.aux_layer_numbering) if cfg.aux_layers else default_aux_layers(tcfg.num_hidden_layers)
+    vocab = rank0_first(rank, lambda: load_or_build(
+        cache, vocab_key(key, target_path, tcfg.vocab_size, cfg.draft_vocab_size),
+        lambda: build_vocab_map((train_ds[i]["input_ids"] for i in train_idx), (train_ds[i]["loss_mask"] for i in train_idx),
+                                tcfg.vocab_size, cfg.draft_vocab_size)))
+    draft_cfg = derive_draft_config(tcfg, vocab.draft_vocab_size, aux, load_overrides(cfg.draft_config))
+    if draft_cfg.hidden_size != tcfg.hidden_size:
+        raise ValueError("the draft shares the target's token embedding: its hidden_size must be the target's")
+    torch.manual_seed(cfg.seed)
+    draft = Eagle3Draft(draft_cfg)
+    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
+    draft.d2t.copy_(vocab.d2t)
+    draft.t2d.copy_(vocab.t2d)
+    features = TargetFeatures(target, aux, vocab)
+
+    # engine
+    with open(args.deepspeed_config) as f:
+        user_ds = json.load(f)
+    micro, accum = user_ds["train_micro_batch_size_per_gpu"], user_ds.get("gradient_accumulation_steps", 1)
+    steps_per_epoch = len(train_idx) // (micro * accum * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_idx)} training samples do not fill one global batch of {micro * accum * world}")
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 1 << 62)
+    ds = deepspeed_config(args.deepspeed_config, total_steps)
+    args.deepspeed_config = None  # passed as a dict below
+    engine, *_ = deepspeed.initialize(model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+    state = {"global_step": 0, "epoch": 0, "batches_done": 0}
+    if cfg.resume and (ckpt := checkpoint.latest_complete(out)):
+        state = checkpoint.load(engine, ckpt)
+        log.info("resumed from %s: %s", ckpt, state)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json_atomic(out / "train_config.json", to_dict(cfg))
+    metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
+
+    def run(batch_idx, dataset):
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in batch_idx], pad_id).items()}
+        f = features(batch["input_ids"])
+        result = engine(f.aux_hidden.to(dtype), batch["input_ids"], batch["loss_mask"], f.teacher, f.teacher_ok,
+                        cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type)
+        return result, int(batch["attention_mask"].sum())
+
+    def evaluate(epoch):
+        per_rank = len(test_idx) // world
+        mine = test_idx[rank::world][:per_rank]
+        stats = StepStats(cfg.ttt_steps)
+        with torch.no_grad():
+            for i in range(0, per_rank, micro):
+                stats.add(*run(mine[i:i + micro], test_ds))
+        metrics.write(step=state["global_step"], epoch=epoch, split="test", **stats.summary(device))
+
+    def save(**position):
+        state.update(position)
+        checkpoint.save(engine, draft_cfg, out, dict(state), cfg.keep_checkpoints)
+
+    bar = tqdm(total=total_steps, initial=state["global_step"], disable=rank != 0 or not cfg.progress, desc="train", unit="step")
+    stats = StepStats(cfg.ttt_steps)
+    done = state["global_step"] >= total_steps
+    for epoch in range(state["epoch"], cfg.epochs):
+        if done:
+            break
+        batches = epoch_batches(train_idx, epoch, cfg.seed, micro, accum, world, rank)
+        start = state["batches_done"] if epoch == state["epoch"] else 0
+        engine.train()
+        for b in range(start, len(batches)):
+            result, tokens = run(batches[b], train_ds)
+            engine.backward(result.loss)
+            engine.step()
+            stats.add(result, tokens)
+            if (b + 1) % accum:
+                continue
+            state["global_step"] += 1
+            bar.update(1)
+            done = state["global_step"] >= total_steps
+            if state["global_step"] % cfg.log_every == 0 or done:
+                summary = stats.summary(device)
+                bar.set_postfix(loss=summary["loss"][0], acc0=summary["acc"][0])
+                metrics.write(step=state["global_step"], epoch=epoch + (b + 1) / len(batches), split="train",
+                              lr=engine.get_lr()[0], **summary)
+                stats = StepStats(cfg.ttt_steps)
+            if done:
+                break
+            if state["global_step"] % cfg.save_every == 0:
+                save(epoch=epoch, batches_done=b + 1)
+        engine.eval()
+        evaluate(epoch + 1)
+        save(epoch=epoch + 1, batches_done=0)
+    bar.close()
+    if rank == 0 and (final := checkpoint.latest_complete(out)):
+        shutil.rmtree(out / "draft", ignore_errors=True)
+        shutil.copytree(final / "draft", out / "draft")
+        log.info("draft for serving: %s", out / "draft")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

