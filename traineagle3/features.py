@@ -29,7 +29,7 @@ class TargetFeatures:
         self.argmax_chunk = argmax_chunk
         self._captured: dict[int, torch.Tensor] = {}
         layers = target.model.layers
-        for i in self.aux_layer_ids:
+        for i in sorted(set(self.aux_layer_ids)):
             layers[i].register_forward_pre_hook(self._capture(i), with_kwargs=True)
         weight = target.get_output_embeddings().weight
         self.identity = vocab.draft_vocab_size == vocab.vocab_size
@@ -45,7 +45,8 @@ class TargetFeatures:
     def __call__(self, input_ids: torch.Tensor) -> Features:
         # Right padding only, so valid positions never see padding: no attention mask needed.
         last = self.target.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        aux = torch.cat([self._captured.pop(i) for i in self.aux_layer_ids], dim=-1)
+        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
+        self._captured.clear()
         teacher = last @ self.draft_head.T
         if self.identity:
             ok = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)

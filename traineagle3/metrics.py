@@ -10,36 +10,35 @@ import torch
 
 
 class StepStats:
-    """Sums of per-step loss/accuracy over micro-batches, reduced across ranks on read."""
+    """Token-weighted sums of per-step loss/accuracy, reduced across ranks on read."""
 
     def __init__(self, steps: int):
         self.loss = torch.zeros(steps, dtype=torch.float64)
         self.correct = torch.zeros(steps, dtype=torch.float64)
         self.count = torch.zeros(steps, dtype=torch.float64)
-        self.batches = 0
         self.tokens = 0
         self.started = time.perf_counter()
 
     def add(self, result, tokens: int) -> None:
-        self.loss += torch.stack(result.step_loss).double().cpu()
+        count = torch.stack(result.count).double().cpu()
+        self.loss += torch.stack(result.step_loss).double().cpu() * count  # token-weighted
         self.correct += torch.stack(result.correct).double().cpu()
-        self.count += torch.stack(result.count).double().cpu()
-        self.batches += 1
+        self.count += count
         self.tokens += tokens
 
     def summary(self, device="cpu") -> dict:
         import torch.distributed as dist
 
-        t = torch.cat([self.loss, self.correct, self.count, torch.tensor([self.batches, self.tokens], dtype=torch.float64)])
+        t = torch.cat([self.loss, self.correct, self.count, torch.tensor([self.tokens], dtype=torch.float64)])
         if dist.is_initialized():
             t = t.to(device)
             dist.all_reduce(t)  # sums over ranks
             t = t.cpu()
         n = len(self.loss)
-        loss, correct, count, (batches, tokens) = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:].tolist()
+        loss, correct, count, tokens = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n].item()
         elapsed = time.perf_counter() - self.started
         return {
-            "loss": [round(x, 5) for x in (loss / max(batches, 1)).tolist()],
+            "loss": [round(x, 5) for x in (loss / count.clamp(min=1)).tolist()],
             "acc": [round(x, 5) for x in (correct / count.clamp(min=1)).tolist()],
             "tokens": int(tokens),
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,

@@ -1,0 +1,100 @@
+"""End-to-end runs of `main.py` on the CPU: ranks vs accumulation, and SIGKILL + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_env
+
+MAIN = ROOT / "traineagle3" / "llama" / "main.py"
+
+
+def ds_config(tmp, accum, stage=2):
+    cfg = json.loads((MAIN.parent / "ds_config_cpu.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=accum)
+    cfg["zero_optimization"]["stage"] = stage
+    path = tmp / f"ds_accum{accum}_zero{stage}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_args(target, data, out, ds, cache, *extra):
+    return ["--deepspeed_config", str(ds), "--target", str(target), "--train_data", str(data),
+            "--output_dir", str(out), "--cache_dir", str(cache), "--max_length", "192", "--draft_vocab_size", "100000",
+            "--epochs", "2", "--save_every", "2", "--log_every", "1", "--num_proc", "1", "--progress", "false", *extra]
+
+
+def launch(args, ranks=1, **kw):
+    if ranks == 1:
+        cmd = [sys.executable, str(MAIN), *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", "29533", str(MAIN), *args]
+    return subprocess.Popen(cmd, cwd=MAIN.parent, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kw)
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def weights(out):
+    return load_file(str(out / "draft" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_target, chat_jsonl, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("baseline")
+    finish(launch(train_args(tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache")))
+    return tmp / "out"
+
+
+def test_run_writes_serving_folder_and_metrics(baseline):
+    cfg = json.loads((baseline / "draft" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
+    w = weights(baseline)
+    assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d", "midlayer.hidden_norm.weight",
+            "midlayer.self_attn.q_proj.weight"} <= set(w) and not any(k.startswith("embed_tokens") for k in w)
+    assert w["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * cfg["hidden_size"]
+    lines = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert {x["epoch"] for x in lines if x["split"] == "test"} == {1, 2}
+    assert len(train[0]["acc"]) == 7 and train[-1]["tokens_per_s"] > 0
+    assert train[-1]["loss"][0] < train[0]["loss"][0]
+
+
+def test_two_ranks_match_one_rank_with_doubled_accumulation(baseline, tiny_target, chat_jsonl, tmp_path):
+    out = tmp_path / "out"
+    finish(launch(train_args(tiny_target, chat_jsonl, out, ds_config(tmp_path, accum=1), tmp_path / "cache"), ranks=2))
+    one, two = weights(baseline), weights(out)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any((one[k] != 0).any() and k.endswith("weight") for k in one)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(baseline, tiny_target, chat_jsonl, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(tiny_target, chat_jsonl, out, ds_config(tmp_path, accum=2), tmp_path / "cache")
+    proc = launch(args)
+    first = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "draft").exists()  # it really died before the end
+    log = finish(launch(args + ["--resume"]))
+    assert "resumed from" in log
+    one, resumed = weights(baseline), weights(out)
+    for k in one:
+        torch.testing.assert_close(resumed[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
