@@ -178,6 +178,7 @@ def main(argv=None) -> None:
         batches = epoch_batches(train_idx, epoch, cfg.seed, micro, accum, world, rank)
         start = state["batches_done"] if epoch == state["epoch"] else 0
         engine.train()
+        position = {"epoch": epoch + 1, "batches_done": 0}
         for b in range(start, len(batches)):
             result, tokens = run(batches[b], train_ds)
             engine.backward(result.loss)
@@ -191,16 +192,20 @@ def main(argv=None) -> None:
             if state["global_step"] % cfg.log_every == 0 or done:
                 summary = stats.summary(device)
                 bar.set_postfix(loss=summary["loss"][0], acc0=summary["acc"][0])
+                if device.type != "cpu":
+                    summary["peak_mem_gib"] = round(get_accelerator().max_memory_allocated() / 2**30, 2)
                 metrics.write(step=state["global_step"], epoch=epoch + (b + 1) / len(batches), split="train",
                               lr=engine.get_lr()[0], **summary)
                 stats = StepStats(cfg.ttt_steps)
             if done:
+                if b + 1 < len(batches):  # stopped by max_steps: a resume continues from here
+                    position = {"epoch": epoch, "batches_done": b + 1}
                 break
             if state["global_step"] % cfg.save_every == 0:
                 save(epoch=epoch, batches_done=b + 1)
         engine.eval()
-        evaluate(epoch + 1)
-        save(epoch=epoch + 1, batches_done=0)
+        evaluate(position["epoch"] + position["batches_done"] / len(batches))
+        save(**position)
     bar.close()
     if rank == 0 and (final := checkpoint.latest_complete(out)):
         shutil.rmtree(out / "draft", ignore_errors=True)
