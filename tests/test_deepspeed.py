@@ -28,7 +28,7 @@ def ds_config(tmp, accum, stage=2):
 
 def train_args(target, data, out, ds, cache, *extra):
     return ["--deepspeed_config", str(ds), "--target", str(target), "--train_data", str(data),
-            "--output_dir", str(out), "--cache_dir", str(cache), "--max_length", "192", "--draft_vocab_size", "100000",
+            "--output_dir", str(out), "--cache_dir", str(cache), "--max_length", "192", "--draft_vocab_size", "2000",
             "--epochs", "2", "--save_every", "2", "--log_every", "1", "--num_proc", "1", "--progress", "false", *extra]
 
 
@@ -95,6 +95,18 @@ def test_sigkill_then_resume_matches_uninterrupted_run(baseline, tiny_target, ch
     assert not (out / "draft").exists()  # it really died before the end
     log = finish(launch(args + ["--resume"]))
     assert "resumed from" in log
+    one, resumed = weights(baseline), weights(out)
+    for k in one:
+        torch.testing.assert_close(resumed[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_run_stopped_by_max_steps_resumes_mid_epoch(baseline, tiny_target, chat_jsonl, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(tiny_target, chat_jsonl, out, ds_config(tmp_path, accum=2), tmp_path / "cache")
+    finish(launch(args + ["--max_steps", "3"]))
+    state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state == {"global_step": 3, "epoch": 0, "batches_done": 6}
+    finish(launch(args + ["--resume"]))
     one, resumed = weights(baseline), weights(out)
     for k in one:
         torch.testing.assert_close(resumed[k], one[k], rtol=1e-5, atol=1e-6, msg=k)

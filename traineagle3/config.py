@@ -33,7 +33,7 @@ class TrainConfig:
     ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
     loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (the LR schedule still spans all epochs)"})
     seed: int = field(default=42, metadata={"help": "seed of init, split and data order"})
     output_dir: str = field(default="outputs/eagle3", metadata={"help": "checkpoints and metrics.jsonl go here"})
     cache_dir: str | None = field(default=None, metadata={"help": "tokenised data and vocab maps; default $EAGLE3_CACHE or ~/.cache/eagle3-train"})

