@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import publish
 from .records import BadRecord, read_conversations
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,9 @@ def load_tokenized(cfg: DataConfig, tokenizer, cache_dir: Path):
     kept = kept.remove_columns(["status"])
     counts = {"read": report.summary(), "records_kept": report.kept, "records_skipped": dict(report.skipped),
               "file_truncated": report.truncated_file, "tokenized": dict(status), "samples": len(kept)}
-    tmp = path.with_name(path.name + ".tmp")
-    kept.save_to_disk(str(tmp / "data"))
-    (tmp / "counts.json").write_text(json.dumps(counts, indent=1))
-    tmp.rename(path)
+    with publish(path) as tmp:
+        kept.save_to_disk(str(tmp / "data"))
+        (tmp / "counts.json").write_text(json.dumps(counts, indent=1))
     return datasets.load_from_disk(str(path / "data")), counts
 
 

@@ -8,17 +8,12 @@ chat template) and reuse that folder everywhere: training, evaluation and vLLM s
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
+
+from .cache import cache_root, publish
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """Where converted models and tokenised datasets live (`EAGLE3_CACHE` overrides)."""
-    return Path(os.environ.get("EAGLE3_CACHE", Path.home() / ".cache" / "eagle3-train"))
 
 
 def _gguf_dir() -> Path:
@@ -49,12 +44,9 @@ def convert_default_target(out: Path | None = None) -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict())
     model = model.to(torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # a half-written conversion is never mistaken for a finished one
+    with publish(out) as tmp:  # a half-written conversion is never mistaken for a finished one
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

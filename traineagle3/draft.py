@@ -67,7 +67,6 @@ def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: lis
     )
     cfg.draft_vocab_size = min(draft_vocab_size, cfg.vocab_size)
     cfg.target_hidden_size = target_config.hidden_size
-    cfg.target_num_hidden_layers = L
     cfg.eagle_aux_hidden_state_layer_ids = list(aux_layer_ids)
     cfg.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids), "use_aux_hidden_state": True}
     cfg.norm_before_residual = False

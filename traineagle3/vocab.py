@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .cache import publish
+
 
 @dataclass
 class VocabMap:
@@ -75,8 +77,6 @@ def load_or_build(cache_dir: Path, key: str, build) -> VocabMap:
         t = load_file(str(path))
         return VocabMap(t["draft_ids"], int(t["vocab_size"]))
     vm = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"draft_ids": vm.draft_ids.contiguous(), "vocab_size": torch.tensor(vm.vocab_size)}, str(tmp))
-    tmp.rename(path)
+    with publish(path) as tmp:
+        save_file({"draft_ids": vm.draft_ids.contiguous(), "vocab_size": torch.tensor(vm.vocab_size)}, str(tmp))
     return vm

@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from traineagle3 import checkpoint
 from traineagle3.config import TrainConfig, add_arguments, from_args, to_dict
 from traineagle3.data import DataConfig, collate, dataset_key, epoch_batches, load_tokenized, split_train_test
-from traineagle3.default_model import cache_root, resolve_target
+from traineagle3.cache import cache_root
+from traineagle3.default_model import resolve_target
 from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
 from traineagle3.features import TargetFeatures
 from traineagle3.metrics import MetricsLog, StepStats
@@ -70,12 +71,13 @@ def deepspeed_config(path: str, total_steps: int) -> dict:
     return ds
 
 
-def rank0_first(rank: int, fn):
-    """Build a cache on rank 0 first, then let the other ranks read it."""
-    if rank == 0:
+def local_rank0_first(fn):
+    """Build a cache on each node's first rank, then let the node's other ranks read it."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if first:
         out = fn()
     dist.barrier()
-    if rank != 0:
+    if not first:
         out = fn()
     return out
 
@@ -89,13 +91,13 @@ def main(argv=None) -> None:
     cache = Path(cfg.cache_dir or cache_root())
 
     # data
-    target_path = rank0_first(rank, lambda: resolve_target(cfg.target))
+    target_path = local_rank0_first(lambda: resolve_target(cfg.target))
     tokenizer = AutoTokenizer.from_pretrained(target_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def tokenized(source, split):
         dc = DataConfig(source, split, cfg.max_records, cfg.max_length, cfg.too_long, cfg.num_proc)
-        ds, counts = rank0_first(rank, lambda: load_tokenized(dc, tokenizer, cache))
+        ds, counts = local_rank0_first(lambda: load_tokenized(dc, tokenizer, cache))
         log.info("%s: %d samples; %s", source, len(ds), json.dumps(counts))
         return ds, dataset_key(dc, tokenizer)
 
@@ -113,7 +115,7 @@ def main(argv=None) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=getattr(torch, target_dtype)).to(device)
     tcfg = getattr(target.config, "text_config", target.config)
     aux = to_vllm_layer_ids(cfg.aux_layers, cfg.aux_layer_numbering) if cfg.aux_layers else default_aux_layers(tcfg.num_hidden_layers)
-    vocab = rank0_first(rank, lambda: load_or_build(
+    vocab = local_rank0_first(lambda: load_or_build(
         cache, vocab_key(key, target_path, tcfg.vocab_size, cfg.draft_vocab_size),
         lambda: build_vocab_map((train_ds[i]["input_ids"] for i in train_idx), (train_ds[i]["loss_mask"] for i in train_idx),
                                 tcfg.vocab_size, cfg.draft_vocab_size)))

@@ -1,0 +1,41 @@
+"""Caches shared by every rank and node: converted models, tokenised data, vocab maps.
+
+Entries are built in a private temporary folder and published with one rename, so a
+reader never sees half an entry, a killed build leaves only litter, and two builders
+(nodes sharing a file system) race harmlessly: the first rename wins.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`EAGLE3_CACHE`, else ~/.cache/eagle3-train."""
+    return Path(os.environ.get("EAGLE3_CACHE", Path.home() / ".cache" / "eagle3-train"))
+
+
+@contextmanager
+def publish(final: Path):
+    """Yield a temporary path to build into; move it to `final` unless `final` appeared."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        yield tmp
+        if not final.exists():
+            os.replace(tmp, final)  # a file may replace a file; a folder only an absent one
+    except FileExistsError:
+        pass
+    except OSError:
+        if not final.exists():
+            raise
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
