@@ -110,3 +110,10 @@ def test_run_stopped_by_max_steps_resumes_mid_epoch(baseline, tiny_target, chat_
     one, resumed = weights(baseline), weights(out)
     for k in one:
         torch.testing.assert_close(resumed[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_log_plot_renders_a_real_runs_metrics(baseline, tmp_path):
+    png = tmp_path / "log_plot.png"
+    metrics = str(baseline / "metrics.jsonl")
+    subprocess.run([sys.executable, str(ROOT / "log_plot.py"), metrics, metrics, "-o", str(png)], check=True, env=run_env())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

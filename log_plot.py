@@ -1,0 +1,85 @@
+"""Plot training logs: loss and accuracy per TTT position, train and test, runs overlaid.
+
+    python log_plot.py outputs/run-a/metrics.jsonl outputs/run-b/metrics.jsonl -o log_plot.png
+
+Reads the metrics.jsonl that traineagle3/llama/main.py writes.  Colour = TTT position,
+line style = run.  A resumed run may have logged a step twice; the last line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLES = ["-", "--", ":", "-."]
+
+
+def read_metrics(path: Path) -> dict[str, list[dict]]:
+    """{"train": [...], "test": [...]} sorted by step, one record per (split, step)."""
+    by_key = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            by_key[(rec["split"], rec["step"])] = rec
+        except (json.JSONDecodeError, KeyError) as e:
+            raise SystemExit(f"{path}: line {n} is not a metrics record ({e})")
+    out = {"train": [], "test": []}
+    for (split, _), rec in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        out.setdefault(split, []).append(rec)
+    return out
+
+
+def plot(paths: list[Path], out: Path, x: str = "step") -> None:
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
+    cmap = plt.get_cmap("viridis")
+    for r, path in enumerate(paths):
+        runs = read_metrics(path)
+        label = path.parent.name or str(path)
+        for col, split in enumerate(["train", "test"]):
+            recs = runs.get(split, [])
+            if not recs:
+                continue
+            positions = len(recs[0]["loss"])
+            xs = [rec[x] for rec in recs]
+            for k in range(positions):
+                color = cmap(k / max(positions - 1, 1))
+                style = STYLES[r % len(STYLES)]
+                axes[0, col].plot(xs, [rec["loss"][k] for rec in recs], style, color=color, label=f"{label} pos {k}")
+                axes[1, col].plot(xs, [rec["acc"][k] for rec in recs], style, color=color, label=f"{label} pos {k}")
+    for col, split in enumerate(["train", "test"]):
+        axes[0, col].set_title(f"{split} loss")
+        axes[1, col].set_title(f"{split} accuracy (draft top-1 == target top-1)")
+        axes[1, col].set_xlabel(x)
+        for row in range(2):
+            axes[row, col].grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", nargs="+", type=Path, help="metrics.jsonl files, one per run")
+    p.add_argument("-o", "--output", type=Path, default=Path("log_plot.png"))
+    p.add_argument("--x", choices=["step", "epoch"], default="step", help="x axis")
+    args = p.parse_args(argv)
+    for m in args.metrics:
+        if not m.is_file():
+            raise SystemExit(f"{m}: no such metrics file")
+    plot(args.metrics, args.output, args.x)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()
