@@ -57,8 +57,11 @@ def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: lis
     fields.setdefault("head_dim", target_config.hidden_size // target_config.num_attention_heads)
     fields.update(overrides or {})
     L = target_config.num_hidden_layers
-    if not all(0 <= i < L for i in aux_layer_ids) or len(aux_layer_ids) != 3:
-        raise ValueError(f"need 3 aux layer ids in [0, {L}) (vLLM numbering), got {aux_layer_ids}")
+    ids = list(aux_layer_ids)
+    if len(ids) != 3 or ids != sorted(set(ids)) or not all(1 <= i < L for i in ids):
+        # engines capture in layer order, once per layer, and vLLM cannot capture layer 0's input
+        raise ValueError(f"need 3 distinct ascending aux layer ids in [1, {L}) (vLLM numbering), got {ids}; "
+                         "for a shallow target pass --aux_layers")
     cfg = LlamaConfig(
         **fields,
         num_hidden_layers=1,
@@ -120,7 +123,8 @@ class Eagle3Draft(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        target_hidden = getattr(cfg, "target_hidden_size", None) or cfg.hidden_size
+        self.fc = nn.Linear(3 * target_hidden, cfg.hidden_size, bias=False)
         self.midlayer = Eagle3DecoderLayer(cfg)
         self.norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
@@ -143,6 +147,22 @@ class Eagle3Draft(nn.Module):
         hidden = self.midlayer(embeds, hidden, cos, sin, cache)
         return self.lm_head(self.norm(hidden)), hidden
 
-    def serving_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights as serving engines load them: no embedding (they share the target's)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens.")}
+
+def load_draft(folder: str | Path, target_embedding: torch.Tensor | None = None) -> Eagle3Draft:
+    """An Eagle3Draft from a serving folder (config.json + model.safetensors).
+
+    The folder has no token embedding (engines share the target's): pass the target's.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = LlamaConfig(**json.loads((folder / "config.json").read_text()))
+    draft = Eagle3Draft(cfg)
+    weights = load_file(str(folder / "model.safetensors"))
+    result = draft.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("embed_tokens.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: missing weights {missing}, unexpected {result.unexpected_keys}")
+    if target_embedding is not None:
+        draft.embed_tokens.weight.data.copy_(target_embedding)
+    return draft.to(next(v for v in weights.values() if v.is_floating_point()).dtype)
