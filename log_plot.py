@@ -52,8 +52,9 @@ def plot(paths: list[Path], out: Path, x: str = "step") -> None:
             for k in range(positions):
                 color = cmap(k / max(positions - 1, 1))
                 style = STYLES[r % len(STYLES)]
-                axes[0, col].plot(xs, [rec["loss"][k] for rec in recs], style, color=color, label=f"{label} pos {k}")
-                axes[1, col].plot(xs, [rec["acc"][k] for rec in recs], style, color=color, label=f"{label} pos {k}")
+                kw = dict(color=color, marker="o", markersize=3, label=f"{label} pos {k}")  # one test point per epoch shows too
+                axes[0, col].plot(xs, [rec["loss"][k] for rec in recs], style, **kw)
+                axes[1, col].plot(xs, [rec["acc"][k] for rec in recs], style, **kw)
     for col, split in enumerate(["train", "test"]):
         axes[0, col].set_title(f"{split} loss")
         axes[1, col].set_title(f"{split} accuracy (draft top-1 == target top-1)")
