@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT, make_tiny_target, run_env
 from traineagle3.checkpoint import save_draft_folder
-from traineagle3.draft import Eagle3Draft, derive_draft_config, load_draft
+from traineagle3.draft import Eagle3Draft, KVCache, derive_draft_config, load_draft
 from traineagle3.export import check, export
 from traineagle3.vocab import VocabMap
 
@@ -60,8 +60,8 @@ def test_exported_draft_computes_what_was_trained(trained, exported):
     ids, aux = torch.randint(0, 3000, (1, 9)), torch.randn(1, 9, 3 * 64)
     pos = torch.arange(9)[None]
     with torch.no_grad():
-        a, _ = draft.step(ids, draft.fc(aux), pos, [])
-        b, _ = again.step(ids, again.fc(aux), pos, [])
+        a, _ = draft.step(ids, draft.fc(aux), pos, KVCache())
+        b, _ = again.step(ids, again.fc(aux), pos, KVCache())
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # bf16 weights
     assert torch.equal(again.d2t, draft.d2t)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from traineagle3.draft import Eagle3Draft, derive_draft_config
+from traineagle3.draft import Eagle3Draft, KVCache, derive_draft_config
 from traineagle3.features import TargetFeatures
 from traineagle3.ttt import ttt_attention
 from traineagle3.vocab import VocabMap
@@ -84,10 +84,17 @@ def test_ttt_logits_equal_what_a_serving_engine_computes(tiny_target):
             K, V = [], []
             for j in range(t + 1):  # the verified prefix: step-0 entries at positions 0..t
                 logits, hidden = serve_step(draft, ids[:, j + 1 : j + 2], fused[:, j : j + 1], j, K, V)
+            # the evaluator's decode path: the whole prefix at once into a KV cache, then the chain
+            kv = KVCache()
+            dec_logits, dec_hidden = draft.step(ids[:, 1 : t + 2], fused[:, : t + 1], torch.arange(t + 1)[None], kv)
+            dec_logits, dec_hidden = dec_logits[:, -1:], dec_hidden[:, -1:]
             for k in range(steps):
                 torch.testing.assert_close(logits[0, 0], ttt_logits[k][0, t], rtol=1e-7, atol=1e-7)
+                torch.testing.assert_close(dec_logits[0, 0], ttt_logits[k][0, t], rtol=1e-7, atol=1e-7)
                 if k + 1 < steps:
-                    logits, hidden = serve_step(draft, ids[:, t + 2 + k : t + 3 + k], hidden, t + 1 + k, K, V)
+                    token = ids[:, t + 2 + k : t + 3 + k]
+                    logits, hidden = serve_step(draft, token, hidden, t + 1 + k, K, V)
+                    dec_logits, dec_hidden = draft.step(token, dec_hidden, torch.tensor([[t + 1 + k]]), kv)
 
 
 def test_loss_falls_when_overfitting_8_samples(tiny_target):

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -28,7 +29,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from .ttt import TTTResult, ttt_attention, ttt_unroll
+from .ttt import TTTResult, ttt_unroll
 
 DERIVED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "intermediate_size", "rms_norm_eps", "vocab_size", "max_position_embeddings",
@@ -80,8 +81,32 @@ def load_overrides(path: str | None) -> dict:
     return json.loads(Path(path).read_text()) if path else {}
 
 
+class KVCache:
+    """A decoding KV cache: new entries attend to all earlier ones and causally to each other."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def crop(self, n: int) -> None:
+        self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        before = len(self)
+        self.k = k if self.k is None else torch.cat([self.k, k], 2)
+        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        new, total = q.shape[2], self.k.shape[2]
+        mask = torch.arange(total, device=q.device)[None, :] <= before + torch.arange(new, device=q.device)[:, None]
+        rep = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, self.k.repeat_interleave(rep, 1), self.v.repeat_interleave(rep, 1),
+                                              attn_mask=mask, scale=scale)
+
+
 class Eagle3Attention(nn.Module):
-    """Llama attention whose q/k/v read the 2H concat; TTT steps share one key cache."""
+    """Llama attention whose q/k/v read the 2H concat; the cache decides what it attends to
+    (TTTCache when training, KVCache when drafting)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -91,14 +116,13 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: list):
+    def forward(self, x, cos, sin, cache):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache.append((k, v))
-        out = ttt_attention(q, [c[0] for c in cache], [c[1] for c in cache], 1 / math.sqrt(self.head_dim))
+        out = cache.attend(q, k, v, 1 / math.sqrt(self.head_dim))
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -139,7 +163,7 @@ class Eagle3Draft(nn.Module):
         """A whole training-time-test unroll (see ttt.py); the engine's forward."""
         return ttt_unroll(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps, decay, loss_type)
 
-    def step(self, input_ids, hidden, position_ids, cache: list):
+    def step(self, input_ids, hidden, position_ids, cache):
         """One TTT / drafting step: returns (logits over the draft vocab, next hidden)."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         rope = self._rope[0].to(hidden.device)

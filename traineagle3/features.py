@@ -22,31 +22,45 @@ class Features:
     teacher_ok: torch.Tensor  # [B, L]: the target's top-1 token is in the draft vocabulary
 
 
-class TargetFeatures:
-    def __init__(self, target, aux_layer_ids: list[int], vocab: VocabMap, argmax_chunk: int = 256):
-        self.target = target.eval().requires_grad_(False)
+class AuxHooks:
+    """Forward pre-hooks on the aux layers; `take()` returns their inputs, low..high, fused."""
+
+    def __init__(self, target, aux_layer_ids: list[int]):
         self.aux_layer_ids = list(aux_layer_ids)
-        self.argmax_chunk = argmax_chunk
         self._captured: dict[int, torch.Tensor] = {}
-        layers = target.model.layers
-        for i in sorted(set(self.aux_layer_ids)):
-            layers[i].register_forward_pre_hook(self._capture(i), with_kwargs=True)
-        weight = target.get_output_embeddings().weight
-        self.identity = vocab.draft_vocab_size == vocab.vocab_size
-        self.draft_head = weight.detach()[vocab.draft_ids.to(weight.device)].clone()
-        self.t2d = vocab.t2d.to(weight.device)
+        self._handles = [target.model.layers[i].register_forward_pre_hook(self._capture(i), with_kwargs=True)
+                         for i in sorted(set(self.aux_layer_ids))]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
     def _capture(self, i: int):
         def hook(module, args, kwargs):
             self._captured[i] = args[0] if args else kwargs["hidden_states"]
         return hook
 
+    def take(self) -> torch.Tensor:
+        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
+        self._captured.clear()
+        return aux
+
+
+class TargetFeatures:
+    def __init__(self, target, aux_layer_ids: list[int], vocab: VocabMap, argmax_chunk: int = 256):
+        self.target = target.eval().requires_grad_(False)
+        self.hooks = AuxHooks(target, aux_layer_ids)
+        self.argmax_chunk = argmax_chunk
+        weight = target.get_output_embeddings().weight
+        self.identity = vocab.draft_vocab_size == vocab.vocab_size
+        self.draft_head = weight.detach()[vocab.draft_ids.to(weight.device)].clone()
+        self.t2d = vocab.t2d.to(weight.device)
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> Features:
         # Right padding only, so valid positions never see padding: no attention mask needed.
         last = self.target.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
-        self._captured.clear()
+        aux = self.hooks.take()
         teacher = last @ self.draft_head.T
         if self.identity:
             ok = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)

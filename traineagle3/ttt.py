@@ -42,6 +42,18 @@ def ttt_attention(q, keys, values, scale: float) -> torch.Tensor:
     return out
 
 
+class TTTCache:
+    """Keys/values of the TTT steps so far; attention per `ttt_attention`."""
+
+    def __init__(self):
+        self.keys, self.values = [], []
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        self.keys.append(k)
+        self.values.append(v)
+        return ttt_attention(q, self.keys, self.values, scale)
+
+
 def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
     """x[:, n:] padded with zeros back to length L (dim 1)."""
     if n == 0:
@@ -68,7 +80,7 @@ def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, ste
     B, L = input_ids.shape
     hidden = draft.fc(aux_hidden)
     positions = torch.arange(L, device=input_ids.device).expand(B, L)
-    cache: list = []
+    cache = TTTCache()
     total, step_loss, correct, count = 0.0, [], [], []
     for k in range(steps):
         logits, hidden = draft.step(shift_left(input_ids, 1 + k), hidden, positions + k, cache)

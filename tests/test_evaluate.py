@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, run_env
+from traineagle3.draft import Eagle3Draft, derive_draft_config
+from traineagle3.evaluate import evaluate, greedy, read_prompts, speculative
+from traineagle3.features import AuxHooks
+from traineagle3.vocab import VocabMap
+
+PROMPTS = [{"id": "a", "turns": ["What is 2+2?", "And 3+3?"]}, {"id": "b", "turns": ["Name a colour."]}]
+
+
+def setup(tiny_target, draft_vocab, seed=0):
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float64).eval()
+    target.lm_head.weight.data *= 30  # a confident target: varied greedy text, no near-ties
+    vm = VocabMap(draft_vocab, target.config.vocab_size)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(derive_draft_config(target.config, vm.draft_vocab_size, [1, 2, 3])).double().eval()
+    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
+    draft.d2t.copy_(vm.d2t)
+    draft.t2d.copy_(vm.t2d)
+    return target, draft
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_greedy_equals_plain_greedy_with_a_random_draft(tiny_target, k):
+    target, draft = setup(tiny_target, torch.arange(0, 49152, 7))
+    hooks = AuxHooks(target, [1, 2, 3])
+    for seed in range(3):
+        prompt = torch.randint(3, 40000, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
+        base = greedy(target, prompt, 24, eos=set())
+        spec = speculative(target, hooks, draft, prompt, 24, k, eos=set())
+        assert spec.tokens == base.tokens and len(base.tokens) == 24
+        assert 1 + sum(a + 1 for a in spec.accepted) >= 24 and all(0 <= a <= k for a in spec.accepted)
+
+
+def test_a_draft_that_always_agrees_reaches_tau_k_plus_1(tiny_target, smol_tokenizer):
+    """Zero lm_heads: target and draft both always pick token 0, so every proposal is accepted."""
+    target, draft = setup(tiny_target, torch.arange(0, 1000))
+    target.lm_head.weight.data.zero_()
+    draft.lm_head.weight.data.zero_()
+    k = 3
+    result = evaluate(target, smol_tokenizer, draft, PROMPTS, k, max_new=17, device="cpu")
+    assert result["total"]["tau"] == k + 1 and result["total"]["acceptance_per_position"] == [1.0] * k
+    assert result["total"]["identical"] and [r["turns"] for r in result["prompts"]] == [2, 1]
+
+
+def test_prompt_files_mt_bench_and_sharegpt(tmp_path):
+    mt = read_prompts(str(ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"))
+    assert len(mt) == 80 and all(len(p["turns"]) == 2 for p in mt)
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+                                {"conversations": [{"from": "robot", "value": "?"}]}]))
+    assert read_prompts(str(path)) == [{"id": "x", "turns": ["hi"]}]
+
+
+def test_cli_prints_table_and_writes_json(tiny_target, tmp_path):
+    target, draft = setup(tiny_target, torch.arange(0, 2000))
+    from traineagle3.checkpoint import save_draft_folder
+    save_draft_folder(draft.float().state_dict(), draft.config, tmp_path / "draft")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "traineagle3.evaluate", "--target", str(tiny_target), "--draft", str(tmp_path / "draft"),
+                        "--prompts", str(prompts), "--num-speculative-tokens", "2", "--max-new-tokens", "12", "--out", str(out)],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| tau |" in r.stdout.replace(" tau ", " tau ") and "lossless" in r.stdout
+    result = json.loads(out.read_text())
+    assert result["total"]["prompts"] == 2 and len(result["total"]["acceptance_per_position"]) == 2
+    assert result["total"]["identical"] is True

@@ -1,0 +1,228 @@
+"""Offline EAGLE-3 evaluation: acceptance length and speed-up with the HF target.
+
+    python -m traineagle3.evaluate --target <model> --draft <dir> --prompts question.jsonl \\
+        --num-speculative-tokens 3 --out eval.json
+
+Chain drafting, greedy: each round the draft proposes k tokens, the target checks them
+in one forward pass and keeps the longest agreeing prefix plus its own next token, so
+a round yields a+1 tokens (a = accepted proposals).  tau = mean(a+1); the acceptance
+rate of position i is the share of rounds with a > i.  Plain greedy decoding runs in
+the same process for the tokens/s ratio and to check the output is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .draft import KVCache, load_draft
+from .export import find_draft_folder
+from .features import AuxHooks
+from .records import BadRecord, iter_raw, normalise
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    seconds: float
+    accepted: list[int] = field(default_factory=list)  # per round, proposals accepted
+
+
+def _eos_ids(target, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(target, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return {i for i in ids if i is not None}
+
+
+def _finish(tokens: list[int], eos: set[int], max_new: int) -> tuple[list[int], bool]:
+    for i, t in enumerate(tokens[:max_new]):
+        if t in eos:
+            return tokens[: i + 1], True
+    return tokens[:max_new], len(tokens) >= max_new
+
+
+@torch.no_grad()
+def greedy(target, prompt: torch.Tensor, max_new: int, eos: set[int]) -> Generation:
+    """Plain greedy decoding with a KV cache: the baseline."""
+    from transformers import DynamicCache
+
+    start, cache, out = time.perf_counter(), DynamicCache(), []
+    ids = prompt
+    while True:
+        hidden = target.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        out.append(int(target.lm_head(hidden[:, -1]).argmax(-1)))
+        tokens, done = _finish(out, eos, max_new)
+        if done:
+            return Generation(tokens, time.perf_counter() - start)
+        ids = torch.tensor([[out[-1]]], device=prompt.device)
+
+
+@torch.no_grad()
+def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, k: int, eos: set[int]) -> Generation:
+    """Greedy EAGLE-3 chain drafting; returns the same tokens as `greedy`, in fewer target passes."""
+    from transformers import DynamicCache
+
+    start, cache, dcache = time.perf_counter(), DynamicCache(), KVCache()
+    dev = prompt.device
+    d2t = draft.d2t.to(dev)
+    hidden = target.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
+    x = int(target.lm_head(hidden[:, -1]).argmax(-1))
+    out, accepted = [x], []
+    n = prompt.shape[1]  # positions 0..n-1 are in the target cache; x sits at position n
+    # step-0 draft entries for positions 0..n-1: (target features at j, token j+1)
+    tokens = torch.cat([prompt[:, 1:], torch.tensor([[x]], device=dev)], 1)
+    logits, g = draft.step(tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache)
+    while not _finish(out, eos, max_new)[1]:
+        proposals, d_logits, h = [], logits[:, -1:], g[:, -1:]
+        for i in range(k):
+            d = int(d_logits.argmax(-1))
+            proposals.append(d + int(d2t[d]))
+            if i + 1 < k:  # the i-th guess sits at position n + i
+                d_logits, h = draft.step(torch.tensor([[proposals[-1]]], device=dev), h, torch.tensor([[n + i]], device=dev), dcache)
+        verify = torch.tensor([[x] + proposals], device=dev)  # positions n..n+k
+        hidden = target.model(input_ids=verify, past_key_values=cache, use_cache=True).last_hidden_state
+        aux = hooks.take()
+        best = target.lm_head(hidden[0]).argmax(-1).tolist()
+        a = 0
+        while a < k and best[a] == proposals[a]:
+            a += 1
+        accepted.append(a)
+        new = proposals[:a] + [best[a]]
+        out += new
+        if a < k:
+            cache.crop(a - k)  # drop the rejected proposals (negative: tokens to remove)
+        dcache.crop(n)  # drop the chain; the verified positions n..n+a get step-0 entries
+        logits, g = draft.step(torch.tensor([new], device=dev), draft.fc(aux[:, : a + 1].to(draft.fc.weight.dtype)),
+                               torch.arange(n, n + a + 1, device=dev)[None], dcache)
+        n, x = n + a + 1, new[-1]
+    tokens, _ = _finish(out, eos, max_new)
+    return Generation(tokens, time.perf_counter() - start, accepted)
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """[{"id", "turns": [user messages]}] from MT-bench style or ShareGPT/OpenAI records.
+
+    MT-bench (`question_id`, `turns`) keeps every turn; a chat record gives its first
+    user turn.  Malformed records are skipped, naming the file and record.
+    """
+    prompts = []
+    for index, rec in enumerate(iter_raw(path)):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if isinstance(rec, dict) and "turns" in rec:
+            turns = rec["turns"]
+            if isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns):
+                prompts.append({"id": rec.get("question_id", index), "turns": turns})
+                continue
+            print(f"{path}: record {index} skipped (turns must be non-empty strings)")
+            continue
+        try:
+            conv = normalise(rec)
+        except BadRecord as e:
+            print(f"{path}: record {index} skipped ({e})")
+            continue
+        first = next(m["content"] for m in conv if m["role"] == "user")
+        prompts.append({"id": rec.get("id", index) if isinstance(rec, dict) else index, "turns": [first]})
+    return prompts
+
+
+def summarize(accepted: list[int], k: int) -> dict:
+    rounds = max(len(accepted), 1)
+    return {"rounds": len(accepted), "tau": round(sum(a + 1 for a in accepted) / rounds, 4),
+            "acceptance_per_position": [round(sum(a > i for a in accepted) / rounds, 4) for i in range(k)]}
+
+
+def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device) -> dict:
+    ids = draft.config.eagle_aux_hidden_state_layer_ids
+    hooks = AuxHooks(target, ids)
+    eos = _eos_ids(target, tokenizer)
+    rows, all_accepted, totals = [], [], [0.0, 0.0, 0, 0]  # spec s, plain s, spec tokens, plain tokens
+    try:
+        for p in prompts:
+            row, accepted, times = _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device)
+            rows.append(row)
+            all_accepted += accepted
+            totals = [a + b for a, b in zip(totals, times)]
+    finally:
+        hooks.remove()
+    spec_s, plain_s, spec_tok, plain_tok = totals
+    total = {**summarize(all_accepted, k), "identical": all(r["identical"] for r in rows),
+             "spec_tokens_per_s": round(spec_tok / spec_s, 2), "plain_tokens_per_s": round(plain_tok / plain_s, 2),
+             "speedup": round((spec_tok / spec_s) / (plain_tok / plain_s), 3), "prompts": len(rows), "k": k}
+    return {"total": total, "prompts": rows}
+
+
+def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device):
+    """One prompt, turn by turn (each answer joins the history); returns row, accepts, times."""
+    messages, accepted, identical = [], [], True
+    spec_s = plain_s = spec_tok = plain_tok = 0
+    for turn in p["turns"]:
+        messages.append({"role": "user", "content": turn})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+        base = greedy(target, prompt, max_new, eos)
+        spec = speculative(target, hooks, draft, prompt, max_new, k, eos)
+        identical &= spec.tokens == base.tokens
+        accepted += spec.accepted
+        spec_s, plain_s = spec_s + spec.seconds, plain_s + base.seconds
+        spec_tok, plain_tok = spec_tok + len(spec.tokens), plain_tok + len(base.tokens)
+        messages.append({"role": "assistant", "content": tokenizer.decode(base.tokens, skip_special_tokens=True)})
+    row = {"id": p["id"], "turns": len(p["turns"]), **summarize(accepted, k), "identical": identical}
+    return row, accepted, (spec_s, plain_s, spec_tok, plain_tok)
+
+
+def table(result: dict) -> str:
+    t = result["total"]
+    acc = " ".join(f"{x:.2f}" for x in t["acceptance_per_position"])
+    return "\n".join([
+        "| prompts | k | tau | acceptance per position | spec tok/s | plain tok/s | speed-up | lossless |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {t['prompts']} | {t['k']} | {t['tau']:.2f} | {acc} | {t['spec_tokens_per_s']:.1f} | "
+        f"{t['plain_tokens_per_s']:.1f} | {t['speedup']:.2f}x | {'yes' if t['identical'] else 'NO'} |"])
+
+
+def main(argv=None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_model import resolve_target
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
+    p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
+    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--out", default="eval.json")
+    args = p.parse_args(argv)
+    if args.temperature != 0:
+        p.error("only greedy decoding (--temperature 0) is implemented")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32 if device.type == "cpu" else torch.bfloat16
+    path = resolve_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    folder = find_draft_folder(args.draft)
+    draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
+    cfg = json.loads((folder / "config.json").read_text())
+    if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
+        draft.config.eagle_aux_hidden_state_layer_ids = [i + 1 for i in cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+    prompts = read_prompts(args.prompts, args.num_prompts)
+    result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device)
+    result["args"] = vars(args)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    print(f"per-prompt results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
