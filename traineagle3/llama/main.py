@@ -60,9 +60,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
 
 
-def deepspeed_config(path: str, total_steps: int) -> dict:
-    """The user's DeepSpeed JSON with the scheduler's step count filled in."""
-    ds = json.loads(Path(path).read_text())
+def fill_schedule(ds: dict, total_steps: int) -> dict:
+    """The user's DeepSpeed config with the scheduler's step count filled in."""
     ds.pop("train_batch_size", None)  # implied by micro batch x accumulation x ranks
     sched = ds.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps", "auto") == "auto" and "scheduler" in ds:
@@ -130,17 +129,15 @@ def main(argv=None) -> None:
     features = TargetFeatures(target, aux, vocab)
 
     # engine
-    with open(args.deepspeed_config) as f:
-        user_ds = json.load(f)
-    micro, accum = user_ds["train_micro_batch_size_per_gpu"], user_ds.get("gradient_accumulation_steps", 1)
+    ds = json.loads(Path(args.deepspeed_config).read_text())
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1)
     steps_per_epoch = len(train_idx) // (micro * accum * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training samples do not fill one global batch of {micro * accum * world}")
-    ds = deepspeed_config(args.deepspeed_config, cfg.epochs * steps_per_epoch)
+    fill_schedule(ds, cfg.epochs * steps_per_epoch)
     # max_steps only stops early: the LR schedule stays that of the whole run, so a
     # run stopped by it and resumed without it trains exactly like one never stopped
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 1 << 62)
-    args.deepspeed_config = None  # passed as a dict below
     engine, *_ = deepspeed.initialize(model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
