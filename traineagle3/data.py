@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .cache import publish
-from .records import BadRecord, read_conversations
+from .records import BadRecord, read_conversations, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _source_fingerprint(source: str) -> str:
-    from .records import resolve_source
-
     p = Path(resolve_source(source))
     if p.is_file():
         st = p.stat()
