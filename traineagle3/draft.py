@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from .ttt import TTTResult, ttt_unroll
+from .ttt import TTTResult, repeat_kv, ttt_unroll
 
 DERIVED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "intermediate_size", "rms_norm_eps", "vocab_size", "max_position_embeddings",
@@ -100,8 +100,7 @@ class KVCache:
         new, total = q.shape[2], self.k.shape[2]
         mask = torch.arange(total, device=q.device)[None, :] <= before + torch.arange(new, device=q.device)[:, None]
         rep = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q, self.k.repeat_interleave(rep, 1), self.v.repeat_interleave(rep, 1),
-                                              attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, repeat_kv(self.k, rep), repeat_kv(self.v, rep), attn_mask=mask, scale=scale)
 
 
 class Eagle3Attention(nn.Module):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .draft import KVCache, load_draft
+from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
 from .records import BadRecord, iter_raw, normalise
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
     draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
     cfg = json.loads((folder / "config.json").read_text())
     if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
-        draft.config.eagle_aux_hidden_state_layer_ids = [i + 1 for i in cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+        draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
     prompts = read_prompts(args.prompts, args.num_prompts)
     result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device)
     result["args"] = vars(args)

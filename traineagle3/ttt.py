@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """GQA: each of the kv heads serves `rep` consecutive query heads."""
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
@@ -31,14 +32,14 @@ def ttt_attention(q, keys, values, scale: float) -> torch.Tensor:
     """
     B, H, L, _ = q.shape
     rep = H // keys[0].shape[1]
-    scores = [(q @ _repeat_kv(keys[0], rep).transpose(-1, -2)) * scale]
+    scores = [(q @ repeat_kv(keys[0], rep).transpose(-1, -2)) * scale]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     scores[0] = scores[0].masked_fill(~causal, float("-inf"))
-    scores += [(q * _repeat_kv(k, rep)).sum(-1, keepdim=True) * scale for k in keys[1:]]
+    scores += [(q * repeat_kv(k, rep)).sum(-1, keepdim=True) * scale for k in keys[1:]]
     probs = torch.cat(scores, dim=-1).softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    out = probs[..., :L] @ _repeat_kv(values[0], rep)
+    out = probs[..., :L] @ repeat_kv(values[0], rep)
     for i, v in enumerate(values[1:]):
-        out = out + probs[..., L + i : L + i + 1] * _repeat_kv(v, rep)
+        out = out + probs[..., L + i : L + i + 1] * repeat_kv(v, rep)
     return out
 
 
