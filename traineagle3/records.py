@@ -67,11 +67,8 @@ def normalise(record: Any) -> list[dict[str, str]]:
     """Return the record as alternating `{"role", "content"}` turns or raise BadRecord."""
     if not isinstance(record, dict):
         raise BadRecord("not a dict")
-    if "conversations" in record:
-        turns, role_key, text_key = record["conversations"], "from", "value"
-    elif "messages" in record:
-        turns, role_key, text_key = record["messages"], "role", "content"
-    else:
+    turns = record.get("conversations", record.get("messages"))
+    if turns is None:
         raise BadRecord("no 'conversations' or 'messages'")
     if not isinstance(turns, list) or not turns:
         raise BadRecord("empty conversation")
@@ -79,10 +76,11 @@ def normalise(record: Any) -> list[dict[str, str]]:
     for turn in turns:
         if not isinstance(turn, dict):
             raise BadRecord("turn is not a dict")
-        role = ROLES.get(str(turn.get(role_key, "")).lower())
+        # ShareGPT writes {from, value}, OpenAI {role, content}; either may sit under either key
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
             raise BadRecord("unknown role")
-        text = turn.get(text_key)
+        text = turn.get("value", turn.get("content"))
         if not isinstance(text, str) or not text.strip():
             raise BadRecord("empty message")
         out.append({"role": role, "content": text})
@@ -150,13 +148,25 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def _iter_parquet(path: Path) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
 def iter_raw(source: str, split: str = "train", report: ReadReport | None = None) -> Iterator[Any]:
-    """Raw records from a .json/.jsonl file, the ShareGPT package, or a HF dataset name."""
+    """Raw records from a .json/.jsonl/.parquet file, the ShareGPT package, or a HF dataset name.
+
+    A gated HF dataset uses the token of the environment (HF_TOKEN) or `hf auth login`.
+    """
     report = report or ReadReport(source)
     path = Path(resolve_source(source))
-    if not path.is_file() and (path.suffix in (".json", ".jsonl") or source.startswith(("/", "./", "../"))):
+    if not path.is_file() and (path.suffix in (".json", ".jsonl", ".parquet") or source.startswith(("/", "./", "../"))):
         raise FileNotFoundError(f"{source}: no such file")
-    if path.is_file():
+    if path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+    elif path.is_file():
         first = path.open(encoding="utf-8").read(1024).lstrip()[:1]
         yield from (_iter_json_array if first == "[" else _iter_jsonl)(path, report)
     else:
@@ -165,20 +175,30 @@ def iter_raw(source: str, split: str = "train", report: ReadReport | None = None
         yield from datasets.load_dataset(source, split=split)
 
 
-def read_conversations(source: str, split: str = "train", limit: int | None = None) -> tuple[list[list[dict]], ReadReport]:
-    """All usable conversations of a source (at most `limit`) and the report of what was skipped."""
-    report = ReadReport(source)
-    convs = []
+def iter_conversations(source: str, report: ReadReport, split: str = "train",
+                       limit: int | None = None) -> Iterator[tuple[int, Any, list[dict]]]:
+    """(record index, record's `id` or None, normalised conversation) of each usable record.
+
+    Unusable records are counted in `report`; the count of a cut-off file is logged.
+    """
     for index, record in enumerate(iter_raw(source, split, report)):
         if limit is not None and report.kept >= limit:
             break
         try:
             if isinstance(record, _Unparsable):
                 raise BadRecord("invalid JSON")
-            convs.append(normalise(record))
-            report.kept += 1
+            conv = normalise(record)
         except BadRecord as e:
             report.skip(index, str(e))
+            continue
+        report.kept += 1
+        yield index, record.get("id"), conv
     if report.truncated_file:
         log.warning("%s is cut off mid-record: read its %d complete records", source, report.kept + sum(report.skipped.values()))
+
+
+def read_conversations(source: str, split: str = "train", limit: int | None = None) -> tuple[list[list[dict]], ReadReport]:
+    """All usable conversations of a source (at most `limit`) and the report of what was skipped."""
+    report = ReadReport(source)
+    convs = [conv for _, _, conv in iter_conversations(source, report, split, limit)]
     return convs, report

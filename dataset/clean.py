@@ -1,0 +1,137 @@
+"""Clean regenerated conversations and split them into train and test, deterministically.
+
+    python -m dataset.clean --in data/regen.jsonl --out-dir data/clean [--test-fraction 0.05 --seed 42]
+
+Rules, applied to each answer in order; a conversation ends before its first bad answer
+(the turns after it were conditioned on it) and is dropped if no answer is left:
+- empty:      nothing but white space;
+- refused:    opens with a stock refusal ("I'm sorry, but I can't ...", "As an AI
+              language model, I cannot ..."); `--keep-refusals` keeps them;
+- garbled:    contains U+FFFD (broken decoding), or is a degenerate loop: at least
+              400 characters that zlib compresses below 5% of their size (prose
+              compresses to 30-50%, tables and ASCII art to 7-15%);
+- truncated:  finish_reason "length", only with `--drop-truncated`.
+Then duplicates are dropped: conversations with the same user turns (white space and
+case folded) keep their first copy.  The rest is shuffled with `--seed` after sorting
+by id (so input order does not matter) and the first `--test-fraction` becomes test.
+Writes train.jsonl, test.jsonl and summary.json (counts per rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import zlib
+from collections import Counter
+from pathlib import Path
+
+from traineagle3.cache import publish
+from traineagle3.records import BadRecord, normalise
+
+from .jsonl import Appender, read_records
+
+REFUSAL = re.compile(
+    r"^\s*(I'?m sorry,? but I (can(no|')t|am unable|won'?t)|I (cannot|can'?t|am unable to|won'?t) "
+    r"(help|assist|provide|comply|fulfil)|As an AI( language model)?,? I (cannot|can'?t|am not able|don'?t))",
+    re.IGNORECASE)
+
+
+def answer_problem(text: str, finish_reason: str | None, keep_refusals: bool, drop_truncated: bool) -> str | None:
+    """Why an answer is unusable, or None."""
+    if not text.strip():
+        return "empty"
+    if not keep_refusals and REFUSAL.match(text):
+        return "refused"
+    if "\ufffd" in text:
+        return "garbled (U+FFFD)"
+    raw = text.encode()
+    if len(raw) >= 400 and len(zlib.compress(raw)) < 0.05 * len(raw):
+        return "garbled (repetition loop)"
+    if drop_truncated and finish_reason == "length":
+        return "truncated"
+    return None
+
+
+def clean_conversation(rec: dict, keep_refusals: bool, drop_truncated: bool) -> tuple[list[dict], str | None]:
+    """The usable prefix of a record's conversation and the problem that ended it, if any."""
+    conv = normalise(rec)
+    reasons = [t.get("finish_reason") for t in rec.get("turns", [])]
+    kept, answers = [], 0
+    for m in conv:
+        if m["role"] == "assistant":
+            reason = reasons[answers] if answers < len(reasons) else None
+            problem = answer_problem(m["content"], reason, keep_refusals, drop_truncated)
+            if problem:
+                while kept and kept[-1]["role"] == "user":
+                    kept.pop()
+                return (kept if answers else []), problem
+            answers += 1
+        kept.append(m)
+    return kept, None
+
+
+def prompt_key(conv: list[dict]) -> str:
+    users = "\n\x00".join(" ".join(m["content"].split()).casefold() for m in conv if m["role"] == "user")
+    return hashlib.sha256(users.encode()).hexdigest()
+
+
+def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
+          keep_refusals: bool = False, drop_truncated: bool = False) -> dict:
+    counts: Counter = Counter()
+    examples: dict[str, list[int]] = {}
+    seen, kept = set(), []
+    for index, rec in read_records(src):
+        try:
+            conv, problem = clean_conversation(rec, keep_refusals, drop_truncated)
+        except BadRecord as e:
+            conv, problem = [], f"malformed ({e})"
+        if problem:
+            counts[f"answers ended: {problem}"] += 1
+            if len(examples.setdefault(problem, [])) < 5:
+                examples[problem].append(index)
+        if not any(m["role"] == "assistant" for m in conv):
+            counts["dropped: no usable answer"] += 1
+            continue
+        key = prompt_key(conv)
+        if key in seen:
+            counts["dropped: duplicate"] += 1
+            continue
+        seen.add(key)
+        kept.append({"id": str(rec.get("id", f"record-{index}")), "conversations": conv})
+    kept.sort(key=lambda r: r["id"])
+    random.Random(seed).shuffle(kept)
+    n_test = round(len(kept) * test_fraction)
+    splits = {"test": kept[:n_test], "train": kept[n_test:]}
+    out_dir = Path(out_dir)
+    for name, records in splits.items():
+        with publish(out_dir / f"{name}.jsonl") as tmp:
+            writer = Appender(tmp, truncate=True)
+            for r in records:
+                writer.write(r)
+            writer.close()
+    summary = {"input": str(src), "kept": len(kept), "train": len(splits["train"]), "test": n_test,
+               "test_fraction": test_fraction, "seed": seed, "counts": dict(sorted(counts.items())),
+               "examples": examples}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{src}: kept {len(kept)} conversations ({len(splits['train'])} train, {n_test} test) in {out_dir}; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in", dest="src", required=True, type=Path, help="regenerated JSONL")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--keep-refusals", action="store_true")
+    p.add_argument("--drop-truncated", action="store_true", help="end conversations at answers cut by max_tokens")
+    a = p.parse_args(argv)
+    clean(a.src, a.out_dir, a.test_fraction, a.seed, a.keep_refusals, a.drop_truncated)
+
+
+if __name__ == "__main__":
+    main()

