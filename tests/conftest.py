@@ -84,3 +84,22 @@ def run_env() -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def export_random_draft(target: Path, out: Path) -> dict:
+    """A random-weight EAGLE-3 draft for `target` (draft vocab 4000), exported for both engines."""
+    from transformers import AutoConfig
+
+    from traineagle3.checkpoint import save_draft_folder
+    from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
+    from traineagle3.export import export
+    from traineagle3.vocab import VocabMap
+
+    tcfg = AutoConfig.from_pretrained(target)
+    vm = VocabMap(torch.arange(0, 4000), tcfg.vocab_size)
+    torch.manual_seed(0)
+    draft = Eagle3Draft(derive_draft_config(tcfg, vm.draft_vocab_size, default_aux_layers(tcfg.num_hidden_layers)))
+    draft.d2t.copy_(vm.d2t)
+    draft.t2d.copy_(vm.t2d)
+    save_draft_folder(draft.state_dict(), draft.config, out / "trained")
+    return {engine: export(out / "trained", str(target), engine, out / engine) for engine in ("vllm", "sglang")}

@@ -4,14 +4,10 @@ import json
 import subprocess
 import sys
 
-import torch
 from transformers import AutoConfig
 
-from conftest import ROOT, run_env
-from traineagle3.checkpoint import save_draft_folder
-from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
-from traineagle3.export import export
-from traineagle3.vocab import VocabMap
+from conftest import export_random_draft, run_env
+from traineagle3.draft import default_aux_layers
 
 SCRIPT = """
 import json, sys
@@ -31,13 +27,7 @@ if __name__ == "__main__":
 
 def test_vllm_cpu_loads_an_exported_draft_and_drafts_with_it(smol_path, tmp_path):
     tcfg = AutoConfig.from_pretrained(smol_path)
-    vm = VocabMap(torch.arange(0, 4000), tcfg.vocab_size)
-    torch.manual_seed(0)
-    draft = Eagle3Draft(derive_draft_config(tcfg, vm.draft_vocab_size, default_aux_layers(tcfg.num_hidden_layers)))
-    draft.d2t.copy_(vm.d2t)
-    draft.t2d.copy_(vm.t2d)
-    save_draft_folder(draft.state_dict(), draft.config, tmp_path / "trained")
-    folder = export(tmp_path / "trained", str(smol_path), "vllm", tmp_path / "vllm")
+    folder = export_random_draft(smol_path, tmp_path)["vllm"]
     script = tmp_path / "run_vllm.py"
     script.write_text(SCRIPT)
     env = run_env() | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "OMP_NUM_THREADS": "2"}

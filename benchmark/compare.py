@@ -1,0 +1,120 @@
+"""Read the result JSONs of benchmark.sh and print one table and a bar plot: baseline vs EAGLE-3.
+
+    python benchmark/compare.py outputs/benchmark
+
+Files are `<engine>-<baseline|eagle3>-c<concurrency>.json` (vLLM's `bench serve` results).
+The EAGLE-3 acceptance length and per-position acceptance come from vLLM's spec-decode
+metrics in the result, or SGLang's `avg_spec_accept_length` in `<stem>.server_info.json`.
+Speed-up is EAGLE-3 output tokens/s over the baseline's at the same concurrency.
+Writes compare.md, compare.json and compare.png next to the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+NAME = re.compile(r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)\.json$")
+COLUMNS = ["engine", "concurrency", "server", "completed", "output_tok_s", "tpot_ms", "ttft_ms", "speedup",
+           "acceptance_length", "acceptance_per_position"]
+
+
+def _find(obj, key):
+    """The first value of `key` anywhere in nested dicts/lists (SGLang nests its server info)."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def read_results(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        m = NAME.match(path.name)
+        if not m:
+            continue
+        r = json.loads(path.read_text())
+        row = {"engine": m["engine"], "concurrency": int(m["c"]), "server": m["server"],
+               "completed": f"{r.get('completed')}/{r.get('num_prompts')}",
+               "output_tok_s": r.get("output_throughput"), "tpot_ms": r.get("mean_tpot_ms"),
+               "ttft_ms": r.get("mean_ttft_ms"), "acceptance_length": r.get("spec_decode_acceptance_length"),
+               "acceptance_per_position": r.get("spec_decode_per_position_acceptance_rates")}
+        info = path.with_name(path.stem + ".server_info.json")
+        if row["acceptance_length"] is None and info.exists():
+            row["acceptance_length"] = _find(json.loads(info.read_text()), "avg_spec_accept_length")
+        rows.append(row)
+    base = {(r["engine"], r["concurrency"]): r["output_tok_s"] for r in rows if r["server"] == "baseline"}
+    for r in rows:
+        b = base.get((r["engine"], r["concurrency"]))
+        r["speedup"] = r["output_tok_s"] / b if b and r["output_tok_s"] is not None else None
+    return sorted(rows, key=lambda r: (r["engine"], r["concurrency"], r["server"] != "baseline"))
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, list):
+        return " ".join(f"{x:.2f}" for x in v)
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["engine"], r["concurrency"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 3.6))
+    for i, g in enumerate(groups):
+        for j, server in enumerate(("baseline", "eagle3")):
+            r = next((r for r in rows if (r["engine"], r["concurrency"]) == g and r["server"] == server), None)
+            if r is None or r["output_tok_s"] is None:
+                continue
+            ax.bar(i + (j - 0.5) * 0.38, r["output_tok_s"], 0.38, color="tab:gray" if j == 0 else "tab:blue",
+                   label=server if i == 0 else None)
+            if server == "eagle3" and r["speedup"]:
+                ax.annotate(f"{r['speedup']:.2f}x", (i + 0.19, r["output_tok_s"]), ha="center", va="bottom")
+    ax.set_xticks(range(len(groups)), [f"{e}\nconcurrency {c}" for e, c in groups])
+    ax.set_ylabel("output tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path)
+    a = p.parse_args(argv)
+    rows = read_results(a.folder)
+    if not rows:
+        print(f"{a.folder}: no <engine>-<baseline|eagle3>-c<N>.json results", file=sys.stderr)
+        return 1
+    text = table(rows)
+    print(text)
+    (a.folder / "compare.md").write_text(text + "\n")
+    (a.folder / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, a.folder / "compare.png")
+    print(f"wrote {a.folder / 'compare.md'}, compare.json, compare.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

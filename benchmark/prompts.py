@@ -1,0 +1,34 @@
+"""Turn a prompt file into the JSONL `vllm bench serve --dataset-name custom` reads.
+
+    python -m benchmark.prompts data/clean/test.jsonl outputs/benchmark/prompts.jsonl --limit 80
+
+MT-bench questions give their first turn, chat records (the held-out split) their first
+user turn -- the reading `traineagle3.evaluate` uses, so offline and served numbers are
+measured on the same prompts.  vLLM's benchmark applies the target's chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from traineagle3.evaluate import read_prompts
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="MT-bench question.jsonl or ShareGPT/OpenAI JSON/JSONL")
+    p.add_argument("out", type=Path)
+    p.add_argument("--limit", type=int)
+    a = p.parse_args(argv)
+    prompts = read_prompts(a.src, a.limit)
+    if not prompts:
+        raise SystemExit(f"{a.src}: no usable prompts")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("".join(json.dumps({"prompt": q["turns"][0]}) + "\n" for q in prompts))
+    print(f"{len(prompts)} prompts from {a.src} -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
