@@ -117,3 +117,18 @@ def test_log_plot_renders_a_real_runs_metrics(baseline, tmp_path):
     metrics = str(baseline / "metrics.jsonl")
     subprocess.run([sys.executable, str(ROOT / "log_plot.py"), metrics, metrics, "-o", str(png)], check=True, env=run_env())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_training_from_the_feature_cache_matches_online(baseline, tiny_target, chat_jsonl, tmp_path):
+    """An fp32 cache reproduces the online run; once complete, a run never loads the target."""
+    args = train_args(tiny_target, chat_jsonl, tmp_path / "out", ds_config(tmp_path, accum=2), tmp_path / "cache",
+                      "--feature_cache", "--feature_cache_dtype", "float32")
+    log = finish(launch(args))
+    assert "loading the target" in log and "train features from" in log
+    one, cached = weights(baseline), weights(tmp_path / "out")
+    for k in one:
+        torch.testing.assert_close(cached[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    args[args.index("--output_dir") + 1] = str(tmp_path / "again")
+    log = finish(launch(args + ["--max_steps", "1"]))
+    assert "loading the target" not in log and "train features from" in log
+    assert (tmp_path / "again" / "draft" / "model.safetensors").exists()

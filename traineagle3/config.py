@@ -12,6 +12,9 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from .feature_cache import DTYPES
+from .ttt import IMPLS
+
 
 @dataclass
 class TrainConfig:
@@ -32,6 +35,9 @@ class TrainConfig:
     ttt_steps: int = field(default=7, metadata={"help": "training-time-test unroll length"})
     ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
     loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})
+    ttt_impl: str = field(default="efficient", metadata={"help": "'efficient' (fused step-0 attention merged by log-sum-exp, a block-wise loss: no L x L or fp32 vocab-sized tensors kept) or 'reference' (the plain formulation, same results; for checks and benchmarks)"})
+    feature_cache: bool = field(default=False, metadata={"help": "run the target once over the data into an offline feature cache under cache_dir (resumable), then train every epoch from it without the target in memory"})
+    feature_cache_dtype: str = field(default="bfloat16", metadata={"help": "storage dtype of the feature cache: bfloat16 (lossless for a bf16 target, the GPU default), float16 or float32"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (the LR schedule still spans all epochs)"})
     seed: int = field(default=42, metadata={"help": "seed of init, split and data order"})
@@ -82,6 +88,10 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(**values)
     if cfg.too_long not in ("truncate", "drop"):
         raise ValueError(f"too_long must be 'truncate' or 'drop', not {cfg.too_long!r}")
+    if cfg.ttt_impl not in IMPLS:
+        raise ValueError(f"ttt_impl must be one of {IMPLS}, not {cfg.ttt_impl!r}")
+    if cfg.feature_cache_dtype not in DTYPES:
+        raise ValueError(f"feature_cache_dtype must be one of {DTYPES}, not {cfg.feature_cache_dtype!r}")
     return cfg
 
 

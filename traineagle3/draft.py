@@ -158,9 +158,9 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
 
     def forward(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
-                decay: float = 0.8, loss_type: str = "soft") -> TTTResult:
+                decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
         """A whole training-time-test unroll (see ttt.py); the engine's forward."""
-        return ttt_unroll(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps, decay, loss_type)
+        return ttt_unroll(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps, decay, loss_type, impl)
 
     def step(self, input_ids, hidden, position_ids, cache):
         """One TTT / drafting step: returns (logits over the draft vocab, next hidden)."""

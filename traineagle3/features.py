@@ -3,7 +3,8 @@
 Forward pre-hooks capture the inputs of the three aux layers (vLLM's numbering: id k
 is the input of decoder layer k, i.e. `output_hidden_states[k]`), so no other layer's
 hidden state is kept.  The base model is run without its `lm_head`; the teacher is
-the last hidden state times only the draft-vocabulary rows of `lm_head`.
+the last hidden state times only the draft-vocabulary rows of `lm_head`, online or
+from a last hidden state stored by the offline feature cache.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ import torch
 from .vocab import VocabMap
 
 
+def draft_rows(lm_head_weight: torch.Tensor, vocab: VocabMap) -> torch.Tensor:
+    """The rows of the target's output head that score the draft vocabulary."""
+    return lm_head_weight.detach()[vocab.draft_ids.to(lm_head_weight.device)].clone()
+
+
 @dataclass
 class Features:
     aux_hidden: torch.Tensor  # [B, L, 3H]: inputs of the three aux layers, low..high
     teacher: torch.Tensor  # [B, L, V_draft]: target logits over the draft vocabulary
     teacher_ok: torch.Tensor  # [B, L]: the target's top-1 token is in the draft vocabulary
+
+    @classmethod
+    def from_last_hidden(cls, aux_hidden, last_hidden, teacher_ok, draft_head) -> Features:
+        """The teacher is the target's final hidden state times the draft rows of its head."""
+        return cls(aux_hidden, last_hidden.to(draft_head.dtype) @ draft_head.T, teacher_ok)
 
 
 class AuxHooks:
@@ -51,21 +62,23 @@ class TargetFeatures:
         self.target = target.eval().requires_grad_(False)
         self.hooks = AuxHooks(target, aux_layer_ids)
         self.argmax_chunk = argmax_chunk
-        weight = target.get_output_embeddings().weight
         self.identity = vocab.draft_vocab_size == vocab.vocab_size
-        self.draft_head = weight.detach()[vocab.draft_ids.to(weight.device)].clone()
-        self.t2d = vocab.t2d.to(weight.device)
+        self.draft_head = draft_rows(target.get_output_embeddings().weight, vocab)
+        self.t2d = vocab.t2d.to(self.draft_head.device)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> Features:
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(aux_hidden, last hidden state, teacher_ok): all a teacher needs besides the head."""
         # Right padding only, so valid positions never see padding: no attention mask needed.
         last = self.target.model(input_ids=input_ids, use_cache=False).last_hidden_state
         aux = self.hooks.take()
-        teacher = last @ self.draft_head.T
         if self.identity:
             ok = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         else:  # the full-vocabulary top-1, a chunk of positions at a time
             weight = self.target.get_output_embeddings().weight
             top = torch.cat([(c @ weight.T).argmax(-1) for c in last.split(self.argmax_chunk, dim=1)], dim=1)
             ok = self.t2d[top]
-        return Features(aux, teacher, ok)
+        return aux, last, ok
+
+    def __call__(self, input_ids: torch.Tensor) -> Features:
+        return Features.from_last_hidden(*self.hidden(input_ids), self.draft_head)

@@ -9,6 +9,11 @@ Index t of step k stands for the draft's k-th guess after target position t:
                 from steps 1..k (the chain of guesses before it)
 Only predictions of trainable tokens (loss_mask[t+2+k]) whose target top-1 lies in the
 draft vocabulary count; the loss of step k is weighted by decay**k.
+
+Two formulations give the same losses and gradients: "reference" (`ttt_attention` and
+`plain_teacher_ce`, plain autograd ops that materialise each step's L x (L+k) attention
+and fp32 vocabulary-sized tensors) and "efficient" (`merged_ttt_attention` and
+`teacher_ce`, which keep O(L) attention state and only the logits per step).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .merged_attention import merged_ttt_attention
+from .teacher_loss import plain_teacher_ce, teacher_ce
+
+IMPLS = ("efficient", "reference")
 
 
 def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -44,15 +53,16 @@ def ttt_attention(q, keys, values, scale: float) -> torch.Tensor:
 
 
 class TTTCache:
-    """Keys/values of the TTT steps so far; attention per `ttt_attention`."""
+    """Keys/values of the TTT steps so far; attention per `ttt_attention`, by either formulation."""
 
-    def __init__(self):
+    def __init__(self, impl: str = "efficient"):
         self.keys, self.values = [], []
+        self.attention = merged_ttt_attention if impl == "efficient" else ttt_attention
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         self.keys.append(k)
         self.values.append(v)
-        return ttt_attention(q, self.keys, self.values, scale)
+        return self.attention(q, self.keys, self.values, scale)
 
 
 def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,33 +82,31 @@ class TTTResult:
 
 
 def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
-               decay: float = 0.8, loss_type: str = "soft") -> TTTResult:
+               decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
     """Run `steps` TTT steps of `draft` and return the losses and accuracies.
 
     aux_hidden [B, L, 3H] fused-layer features; teacher [B, L, V_draft] target logits
     over the draft vocabulary; teacher_ok [B, L] whether the target's top-1 is in it.
     """
+    if loss_type not in ("soft", "hard"):
+        raise ValueError(f"loss_type must be 'soft' or 'hard', not {loss_type!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
+    ce = teacher_ce if impl == "efficient" else plain_teacher_ce
     B, L = input_ids.shape
     hidden = draft.fc(aux_hidden)
     positions = torch.arange(L, device=input_ids.device).expand(B, L)
-    cache = TTTCache()
+    cache = TTTCache(impl)
     total, step_loss, correct, count = 0.0, [], [], []
     for k in range(steps):
         logits, hidden = draft.step(shift_left(input_ids, 1 + k), hidden, positions + k, cache)
-        target = shift_left(teacher, 1 + k).float()
-        valid = (shift_left(loss_mask, 2 + k) > 0) & shift_left(teacher_ok, 1 + k)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        target_top = target.argmax(-1)
-        if loss_type == "soft":
-            ce = -(target.softmax(-1) * logp).sum(-1)
-        elif loss_type == "hard":
-            ce = -logp.gather(-1, target_top[..., None]).squeeze(-1)
-        else:
-            raise ValueError(f"loss_type must be 'soft' or 'hard', not {loss_type!r}")
+        m = max(L - 2 - k, 0)  # positions t whose target token x[t+2+k] exists
+        logits, target = logits[:, :m], teacher[:, 1 + k : 1 + k + m]
+        valid = (loss_mask[:, 2 + k :] > 0) & teacher_ok[:, 1 + k : 1 + k + m]
         n = valid.sum()
-        loss_k = (ce * valid).sum() / n.clamp(min=1)
+        loss_k = ce(logits, target, valid / n.clamp(min=1), loss_type)
         total = total + decay**k * loss_k
         step_loss.append(loss_k.detach())
-        correct.append(((logits.argmax(-1) == target_top) & valid).sum())
+        correct.append(((logits.argmax(-1) == target.argmax(-1)) & valid).sum())
         count.append(n)
     return TTTResult(total, step_loss, correct, count)

@@ -4,12 +4,15 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 1 main.py --deepspeed_config ds_config_cpu.json
 
 Every rank holds the frozen target as a plain module; DeepSpeed (ZeRO) owns only the
-draft.  Flags override the fields of --config (see --help).
+draft.  With --feature_cache the ranks first run the target once over the data into an
+offline cache (or find it complete), then train from it with only the target's token
+embedding and output head in memory.  Flags override the fields of --config (see --help).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from traineagle3 import checkpoint
 from traineagle3.config import TrainConfig, add_arguments, from_args, to_dict
@@ -30,8 +33,10 @@ from traineagle3.data import DataConfig, collate, dataset_key, epoch_batches, lo
 from traineagle3.cache import cache_root
 from traineagle3.default_model import resolve_target
 from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
-from traineagle3.features import TargetFeatures
+from traineagle3.feature_cache import cache_folder, cache_parts, ensure_cache
+from traineagle3.features import Features, TargetFeatures, draft_rows
 from traineagle3.metrics import MetricsLog, StepStats
+from traineagle3.target_tensors import embedding_and_head
 from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
 
 log = logging.getLogger("traineagle3")
@@ -100,19 +105,25 @@ def main(argv=None) -> None:
         log.info("%s: %d samples; %s", source, len(ds), json.dumps(counts))
         return ds, dataset_key(dc, tokenizer)
 
-    train_ds, key = tokenized(cfg.train_data, cfg.train_split)
+    train_ds, train_key = tokenized(cfg.train_data, cfg.train_split)
+    key = train_key
     if cfg.test_data:
-        test_ds, _ = tokenized(cfg.test_data, "test")
+        test_ds, test_key = tokenized(cfg.test_data, "test")
         train_idx, test_idx = list(range(len(train_ds))), list(range(len(test_ds)))
     else:
-        test_ds = train_ds
+        test_ds, test_key = train_ds, train_key
         train_idx, test_idx = split_train_test(len(train_ds), cfg.test_fraction, cfg.seed)
         key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
 
     # target, vocabulary, draft
     target_dtype = cfg.target_dtype if cfg.target_dtype != "auto" else "float32" if device.type == "cpu" else "bfloat16"
-    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=getattr(torch, target_dtype)).to(device)
-    tcfg = getattr(target.config, "text_config", target.config)
+    target_config = AutoConfig.from_pretrained(target_path)
+    tcfg = getattr(target_config, "text_config", target_config)
+
+    def load_target():
+        log.info("loading the target %s", target_path)
+        return AutoModelForCausalLM.from_pretrained(target_path, dtype=getattr(torch, target_dtype)).to(device)
+
     aux = to_vllm_layer_ids(cfg.aux_layers, cfg.aux_layer_numbering) if cfg.aux_layers else default_aux_layers(tcfg.num_hidden_layers)
     vocab = local_rank0_first(lambda: load_or_build(
         cache, vocab_key(key, target_path, tcfg.vocab_size, cfg.draft_vocab_size),
@@ -121,16 +132,44 @@ def main(argv=None) -> None:
     draft_cfg = derive_draft_config(tcfg, vocab.draft_vocab_size, aux, load_overrides(cfg.draft_config))
     if draft_cfg.hidden_size != tcfg.hidden_size:
         raise ValueError("the draft shares the target's token embedding: its hidden_size must be the target's")
-    torch.manual_seed(cfg.seed)
-    draft = Eagle3Draft(draft_cfg)
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
-    draft.d2t.copy_(vocab.d2t)
-    draft.t2d.copy_(vocab.t2d)
-    features = TargetFeatures(target, aux, vocab)
-
-    # engine
     ds = json.loads(Path(args.deepspeed_config).read_text())
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1)
+    if cfg.feature_cache:
+        caches, by_key = {}, {}  # one cache per data set: train and test share it when test is held out of train_data
+        for split, dataset, data_key in [("train", train_ds, train_key), ("test", test_ds, test_key)]:
+            if data_key not in by_key:
+                parts = cache_parts(data_key, target_path, target_dtype, aux, vocab, cfg.feature_cache_dtype)
+                by_key[data_key] = ensure_cache(
+                    cache_folder(cache, parts), parts, dataset, lambda: TargetFeatures(load_target(), aux, vocab).hidden,
+                    hidden_size=tcfg.hidden_size, aux_size=len(aux) * tcfg.hidden_size, batch_size=micro, pad_id=pad_id,
+                    device=device, rank=rank, world=world, barrier=dist.barrier, progress=rank == 0 and cfg.progress)
+                log.info("%s features from %s", split, by_key[data_key].folder)
+            caches[split] = by_key[data_key]
+        gc.collect()  # the target, if this rank computed features, is gone: free its memory
+        if device.type != "cpu":
+            get_accelerator().empty_cache()
+        embed, lm_head = embedding_and_head(target_path, target_config)
+        draft_head = draft_rows(lm_head.to(device, getattr(torch, target_dtype)), vocab)
+
+        def batch_features(batch_idx, split):
+            batch = caches[split].batch(batch_idx, pad_id, device)
+            return batch, Features.from_last_hidden(batch["aux_hidden"], batch["last_hidden"], batch["teacher_ok"], draft_head)
+    else:
+        datasets = {"train": train_ds, "test": test_ds}
+        target = load_target()
+        features = TargetFeatures(target, aux, vocab)
+        embed = target.get_input_embeddings().weight.data
+
+        def batch_features(batch_idx, split):
+            batch = {k: v.to(device) for k, v in collate([datasets[split][i] for i in batch_idx], pad_id).items()}
+            return batch, features(batch["input_ids"])
+    torch.manual_seed(cfg.seed)
+    draft = Eagle3Draft(draft_cfg)
+    draft.embed_tokens.weight.data.copy_(embed)
+    draft.d2t.copy_(vocab.d2t)
+    draft.t2d.copy_(vocab.t2d)
+
+    # engine
     steps_per_epoch = len(train_idx) // (micro * accum * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training samples do not fill one global batch of {micro * accum * world}")
@@ -150,11 +189,10 @@ def main(argv=None) -> None:
         checkpoint.write_json_atomic(out / "train_config.json", to_dict(cfg))
     metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
 
-    def run(batch_idx, dataset):
-        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in batch_idx], pad_id).items()}
-        f = features(batch["input_ids"])
+    def run(batch_idx, split):
+        batch, f = batch_features(batch_idx, split)
         result = engine(f.aux_hidden.to(dtype), batch["input_ids"], batch["loss_mask"], f.teacher, f.teacher_ok,
-                        cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type)
+                        cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
         return result, int(batch["attention_mask"].sum())
 
     def evaluate(epoch):
@@ -163,7 +201,7 @@ def main(argv=None) -> None:
         stats = StepStats(cfg.ttt_steps)
         with torch.no_grad():
             for i in range(0, per_rank, micro):
-                stats.add(*run(mine[i:i + micro], test_ds))
+                stats.add(*run(mine[i:i + micro], "test"))
         metrics.write(step=state["global_step"], epoch=epoch, split="test", **stats.summary(device))
 
     def save(**position):
@@ -181,7 +219,7 @@ def main(argv=None) -> None:
         engine.train()
         position = {"epoch": epoch + 1, "batches_done": 0}
         for b in range(start, len(batches)):
-            result, tokens = run(batches[b], train_ds)
+            result, tokens = run(batches[b], "train")
             engine.backward(result.loss)
             engine.step()
             stats.add(result, tokens)
