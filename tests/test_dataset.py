@@ -46,6 +46,13 @@ def test_download_normalises_counts_drops_and_renames_repeated_ids(tmp_path):
     assert json.loads((tmp_path / "out.summary.json").read_text())["kept"] == 3
 
 
+def test_download_limit_and_long_first_prompts(tmp_path):
+    src = write_jsonl(tmp_path / "raw.jsonl", [chat(str(i), "q" * (10 if i % 2 else 100), "a") for i in range(10)])
+    summary = download(str(src), tmp_path / "out.jsonl", limit=3, max_prompt_chars=50)
+    assert ids_of(tmp_path / "out.jsonl") == ["1", "3", "5"] and summary["kept"] == 3
+    assert summary["dropped"] == {"first user turn over 50 characters": 3}
+
+
 def test_download_reads_parquet(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     rows = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(3)]

