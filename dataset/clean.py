@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from traineagle3.cache import publish
-from traineagle3.records import BadRecord, normalise
+from traineagle3.records import BadRecord, normalise, record_id
 
 from .jsonl import Appender, read_records
 
@@ -100,7 +100,7 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
             counts["dropped: duplicate"] += 1
             continue
         seen.add(key)
-        kept.append({"id": str(rec.get("id", f"record-{index}")), "conversations": conv})
+        kept.append({"id": record_id(index, rec.get("id")), "conversations": conv})
     kept.sort(key=lambda r: r["id"])
     random.Random(seed).shuffle(kept)
     n_test = round(len(kept) * test_fraction)

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from traineagle3.cache import publish
-from traineagle3.records import ReadReport, iter_conversations
+from traineagle3.records import ReadReport, iter_conversations, record_id
 
 from .jsonl import Appender
 
@@ -38,7 +38,7 @@ def download(source: str, out: Path, split: str = "train", limit: int | None = N
                 report.kept -= 1
                 report.skip(index, f"first user turn over {max_prompt_chars} characters")
                 continue
-            rid = f"record-{index}" if rid is None else str(rid)
+            rid = record_id(index, rid)
             if rid in seen:
                 rid, renamed = f"{rid}#{index}", renamed + 1
             seen.add(rid)

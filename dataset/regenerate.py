@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from traineagle3.records import ReadReport, iter_conversations
+from traineagle3.records import ReadReport, iter_conversations, record_id
 
 from .jsonl import Appender, read_records, repair_tail
 
@@ -141,7 +141,7 @@ def read_input(path: Path, limit: int | None) -> tuple[list[tuple[str, list[dict
     """(id, conversation) of the input; ids must be unique (dataset.download makes them so)."""
     report, items, first = ReadReport(str(path)), [], {}
     for index, rid, conv in iter_conversations(str(path), report, limit=limit):
-        rid = f"record-{index}" if rid is None else str(rid)
+        rid = record_id(index, rid)
         if rid in first:
             raise ValueError(f"{path}: record {index} repeats id {rid!r} of record {first[rid]}")
         first[rid] = index

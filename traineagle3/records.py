@@ -175,6 +175,11 @@ def iter_raw(source: str, split: str = "train", report: ReadReport | None = None
         yield from datasets.load_dataset(source, split=split)
 
 
+def record_id(index: int, rid: Any) -> str:
+    """A record's `id` as text, or `record-<index>` when it has none."""
+    return f"record-{index}" if rid is None else str(rid)
+
+
 def iter_conversations(source: str, report: ReadReport, split: str = "train",
                        limit: int | None = None) -> Iterator[tuple[int, Any, list[dict]]]:
     """(record index, record's `id` or None, normalised conversation) of each usable record.

