@@ -31,6 +31,10 @@ def test_unknown_or_invalid_fields_are_refused(tmp_path):
         parse(["--config", str(path)])
     with pytest.raises(ValueError, match="too_long"):
         parse(["--too_long", "cut"])
+    with pytest.raises(ValueError, match="draft_init"):
+        parse(["--draft_init", "zeros"])
+    with pytest.raises(ValueError, match="train_on"):
+        parse(["--train_on", "prompts"])
 
 
 def test_main_help_documents_every_option():

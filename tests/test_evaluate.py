@@ -53,6 +53,8 @@ def test_a_draft_that_always_agrees_reaches_tau_k_plus_1(tiny_target, smol_token
 def test_prompt_files_mt_bench_and_sharegpt(tmp_path):
     mt = read_prompts(str(ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"))
     assert len(mt) == 80 and all(len(p["turns"]) == 2 for p in mt)
+    first = read_prompts(str(ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"), 3, max_turns=1)
+    assert [p["turns"] for p in first] == [p["turns"][:1] for p in mt[:3]]
     path = tmp_path / "chats.json"
     path.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
                                 {"conversations": [{"from": "robot", "value": "?"}]}]))

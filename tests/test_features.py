@@ -26,3 +26,25 @@ def test_layer_numbering():
     assert default_aux_layers(32) == [2, 16, 29]
     assert to_vllm_layer_ids([1, 15, 28], "sglang") == [2, 16, 29]
     assert to_vllm_layer_ids([2, 16, 29], "vllm") == [2, 16, 29]
+
+
+def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_layer(tiny_target):
+    """init_from_target: fc passes the high aux layer through, norm + lm_head are the target's
+    (draft rows), so on a target hidden state the draft head scores exactly as the target."""
+    from traineagle3.draft import Eagle3Draft, derive_draft_config
+    from traineagle3.target_tensors import final_norm
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
+    vm = VocabMap(torch.arange(3, 300, 2), target.config.vocab_size)
+    draft = Eagle3Draft(derive_draft_config(target.config, vm.draft_vocab_size, [1, 2, 3]))
+    features = TargetFeatures(target, [1, 2, 3], vm)
+    draft.init_from_target(features.draft_head, final_norm(tiny_target))
+    aux = torch.randn(2, 5, 3 * target.config.hidden_size)
+    high = aux[..., 2 * target.config.hidden_size:]
+    with torch.no_grad():
+        expected = target.lm_head(target.model.norm(high))[..., vm.draft_ids]
+        got = draft.lm_head(draft.norm(draft.fc(aux)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the low and mid layers start switched off, not the high one
+        assert not torch.allclose(draft.fc(aux), draft.fc(torch.cat([aux[..., :-1], aux[..., -1:] + 1], -1)))
+        torch.testing.assert_close(draft.fc(aux), draft.fc(torch.cat([aux[..., :10] + 1, aux[..., 10:]], -1)))

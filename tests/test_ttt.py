@@ -114,3 +114,41 @@ def test_loss_falls_when_overfitting_8_samples(tiny_target):
         history.append((r.loss.item(), (r.correct[0] / r.count[0]).item()))
     assert history[-1][0] < 0.3 * history[0][0]
     assert history[-1][1] > 0.9 > history[0][1]
+
+
+def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
+    """accepted[k] = positions t whose steps 0..k all match the target (step k at t predicts
+    x[t+2+k]); correct[k] counts step k alone.  Checked against a plain loop."""
+    from traineagle3.ttt import ttt_unroll
+
+    torch.manual_seed(0)
+    B, L, V, steps = 2, 12, 5, 3
+    teacher_top = torch.randint(0, V, (B, L))
+    guesses = [torch.where(torch.rand(B, L) < 0.6, teacher_top.roll(-1 - k, 1), (teacher_top.roll(-1 - k, 1) + 1) % V)
+               for k in range(steps)]  # step k at t is right where guesses[k][t] == teacher_top[t+1+k]
+    loss_mask = (torch.rand(B, L) < 0.8).long()
+    teacher_ok = torch.rand(B, L) < 0.9
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.k = 0
+
+        def fc(self, aux):
+            return aux
+
+        def step(self, ids, hidden, positions, cache):
+            logits = torch.nn.functional.one_hot(guesses[self.k], V).float() + self.w
+            self.k += 1
+            return logits, hidden
+
+    r = ttt_unroll(Scripted(), torch.zeros(B, L, 4), torch.zeros(B, L, dtype=torch.long), loss_mask,
+                   torch.nn.functional.one_hot(teacher_top, V).float(), teacher_ok, steps=steps, loss_type="hard")
+    right = lambda b, t, k: (t + 2 + k < L and loss_mask[b, t + 2 + k] > 0 and bool(teacher_ok[b, t + 1 + k])
+                             and guesses[k][b, t] == teacher_top[b, t + 1 + k])
+    valid0 = [(b, t) for b in range(B) for t in range(L - 2) if loss_mask[b, t + 2] > 0 and teacher_ok[b, t + 1]]
+    for k in range(steps):
+        assert int(r.correct[k]) == sum(right(b, t, k) for b in range(B) for t in range(L - 2))
+        assert int(r.accepted[k]) == sum(all(right(b, t, j) for j in range(k + 1)) for b, t in valid0)
+    assert int(r.count[0]) == len(valid0) and 0 < int(r.accepted[-1]) < int(r.accepted[0]) < int(r.correct[0]) + 1

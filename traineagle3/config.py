@@ -32,6 +32,8 @@ class TrainConfig:
     aux_layers: list[int] | None = field(default=None, metadata={"help": "three target layers to fuse, low/mid/high; default 2, L//2, L-3"})
     aux_layer_numbering: str = field(default="vllm", metadata={"help": "'vllm' (input of layer k) or 'sglang' (output of layer k)"})
     draft_config: str | None = field(default=None, metadata={"help": "JSON file of draft config fields overriding those derived from the target"})
+    draft_init: str = field(default="target", metadata={"help": "'target': lm_head from the target's output rows, norm from its final norm, fc passing the highest aux layer through (see Eagle3Draft.init_from_target); 'random': all at random"})
+    train_on: str = field(default="assistant", metadata={"help": "tokens that give a loss: 'assistant' (the answers, what serving drafts) or 'all' (also the prompts: the teacher there is still the target's own prediction, so scarce data gives more signal per target pass)"})
     ttt_steps: int = field(default=7, metadata={"help": "training-time-test unroll length"})
     ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
     loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})
@@ -90,6 +92,10 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(f"too_long must be 'truncate' or 'drop', not {cfg.too_long!r}")
     if cfg.ttt_impl not in IMPLS:
         raise ValueError(f"ttt_impl must be one of {IMPLS}, not {cfg.ttt_impl!r}")
+    if cfg.draft_init not in ("target", "random"):
+        raise ValueError(f"draft_init must be 'target' or 'random', not {cfg.draft_init!r}")
+    if cfg.train_on not in ("assistant", "all"):
+        raise ValueError(f"train_on must be 'assistant' or 'all', not {cfg.train_on!r}")
     if cfg.feature_cache_dtype not in DTYPES:
         raise ValueError(f"feature_cache_dtype must be one of {DTYPES}, not {cfg.feature_cache_dtype!r}")
     return cfg

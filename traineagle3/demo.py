@@ -74,10 +74,12 @@ class Demo:
         ds = json.loads((ROOT / "traineagle3" / "llama" / "ds_config_cpu.json").read_text())
         ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = self.p["micro_batch"], self.p["grad_accum"]
         ds["optimizer"]["params"]["lr"] = ds["scheduler"]["params"]["warmup_max_lr"] = self.p["lr"]
+        ds["scheduler"]["params"]["warmup_num_steps"] = self.p["warmup_steps"]
         cfg = {"target": "smollm2-135m-instruct", "train_data": str(self.data / "train.jsonl"),
                "test_data": str(self.data / "test.jsonl"), "max_length": self.p["max_length"],
                "draft_vocab_size": self.p["draft_vocab_size"], "ttt_steps": self.p["ttt_steps"],
-               "loss_type": self.p["loss_type"], "epochs": self.p["epochs"], "save_every": 25, "log_every": 5,
+               "loss_type": self.p["loss_type"], "train_on": self.p["train_on"], "feature_cache": self.p["feature_cache"],
+               "feature_cache_dtype": "float32", "epochs": self.p["epochs"], "save_every": 50, "log_every": 10,
                "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
         self.train_dir.mkdir(parents=True, exist_ok=True)
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
@@ -93,7 +95,8 @@ class Demo:
             if not out.exists():
                 self.py("-m", "traineagle3.evaluate", "--target", "smollm2-135m-instruct", "--draft",
                         self.out / "exported" / "vllm", "--prompts", path, "--num-prompts", self.p["eval_prompts"],
-                        "--num-speculative-tokens", self.p["k"], "--max-new-tokens", self.p["eval_tokens"], "--out", out)
+                        "--num-speculative-tokens", self.p["k"], "--max-new-tokens", self.p["eval_tokens"],
+                        "--max-turns", 1, "--out", out)  # first turns: the prompts benchmark/ serves
             results[name] = json.loads(out.read_text())["total"]
         return results
 

@@ -106,10 +106,11 @@ def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: i
     return Generation(tokens, time.perf_counter() - start, accepted)
 
 
-def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+def read_prompts(path: str, limit: int | None = None, max_turns: int | None = None) -> list[dict]:
     """[{"id", "turns": [user messages]}] from MT-bench style or ShareGPT/OpenAI records.
 
-    MT-bench (`question_id`, `turns`) keeps every turn; a chat record gives its first
+    MT-bench (`question_id`, `turns`) keeps its turns, the first `max_turns` of them if
+    set (1 asks what `benchmark/` serves: first turns); a chat record gives its first
     user turn.  Malformed records are skipped, naming the file and record.
     """
     prompts = []
@@ -119,7 +120,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[dict]:
         if isinstance(rec, dict) and "turns" in rec:
             turns = rec["turns"]
             if isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns):
-                prompts.append({"id": rec.get("question_id", index), "turns": turns})
+                prompts.append({"id": rec.get("question_id", index), "turns": turns[:max_turns]})
                 continue
             print(f"{path}: record {index} skipped (turns must be non-empty strings)")
             continue
@@ -200,6 +201,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-turns", type=int, default=None, help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--out", default="eval.json")
@@ -216,7 +218,7 @@ def main(argv=None) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
         draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
-    prompts = read_prompts(args.prompts, args.num_prompts)
+    prompts = read_prompts(args.prompts, args.num_prompts, args.max_turns)
     result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device)
     result["args"] = vars(args)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -1,8 +1,8 @@
 """Single tensors of a target checkpoint, read without building the model.
 
 Training from the offline feature cache needs of the target only its token embedding
-(the draft's input embedding) and its output head (the teacher's draft-vocabulary
-rows); its decoder layers stay on disk.
+(the draft's input embedding), its output head (the teacher's draft-vocabulary rows)
+and its final norm (the draft's starting point); its decoder layers stay on disk.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def embedding_and_head(folder: str | Path, config) -> tuple[torch.Tensor, torch.
     if embed is None or (head is None and not tied):
         raise ValueError(f"{folder}: no {'embed_tokens' if embed is None else 'lm_head'}.weight in its safetensors")
     return embed, embed if head is None else head
+
+
+def final_norm(folder: str | Path) -> torch.Tensor:
+    """The weight of the norm before the target's output head."""
+    norm = read_tensor(folder, "model.norm.weight")
+    if norm is None:
+        raise ValueError(f"{folder}: no model.norm.weight in its safetensors")
+    return norm
 
 
 def target_fingerprint(folder: str | Path) -> str:

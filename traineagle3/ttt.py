@@ -10,6 +10,11 @@ Index t of step k stands for the draft's k-th guess after target position t:
 Only predictions of trainable tokens (loss_mask[t+2+k]) whose target top-1 lies in the
 draft vocabulary count; the loss of step k is weighted by decay**k.
 
+Two accuracies come out.  `correct[k]/count[k]` asks whether step k is right given the
+true tokens before it (teacher forcing); `accepted[k]/count[0]` asks whether steps
+0..k are all right, which is what a serving engine accepts at position k and reports
+as its per-position acceptance rate: this one predicts tau, the first one does not.
+
 Two formulations give the same losses and gradients: "reference" (`ttt_attention` and
 `plain_teacher_ce`, plain autograd ops that materialise each step's L x (L+k) attention
 and fp32 vocabulary-sized tensors) and "efficient" (`merged_ttt_attention` and
@@ -79,6 +84,7 @@ class TTTResult:
     step_loss: list[torch.Tensor]  # per step, mean over valid tokens (detached)
     correct: list[torch.Tensor]  # per step, number of valid tokens with draft top-1 == target top-1
     count: list[torch.Tensor]  # per step, number of valid tokens
+    accepted: list[torch.Tensor]  # per step k, number of step-0-valid tokens whose steps 0..k are all right
 
 
 def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
@@ -97,7 +103,8 @@ def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, ste
     hidden = draft.fc(aux_hidden)
     positions = torch.arange(L, device=input_ids.device).expand(B, L)
     cache = TTTCache(impl)
-    total, step_loss, correct, count = 0.0, [], [], []
+    total, step_loss, correct, count, accepted = 0.0, [], [], [], []
+    chain = None  # [B, L-2]: steps so far all right at position t (and t valid at step 0)
     for k in range(steps):
         logits, hidden = draft.step(shift_left(input_ids, 1 + k), hidden, positions + k, cache)
         m = max(L - 2 - k, 0)  # positions t whose target token x[t+2+k] exists
@@ -107,6 +114,9 @@ def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, ste
         loss_k = ce(logits, target, valid / n.clamp(min=1), loss_type)
         total = total + decay**k * loss_k
         step_loss.append(loss_k.detach())
-        correct.append(((logits.argmax(-1) == target.argmax(-1)) & valid).sum())
+        right = (logits.argmax(-1) == target.argmax(-1)) & valid
+        chain = right if chain is None else chain[:, :m] & right
+        correct.append(right.sum())
         count.append(n)
-    return TTTResult(total, step_loss, correct, count)
+        accepted.append(chain.sum())
+    return TTTResult(total, step_loss, correct, count, accepted)

@@ -36,7 +36,7 @@ from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_conf
 from traineagle3.feature_cache import cache_folder, cache_parts, ensure_cache
 from traineagle3.features import Features, TargetFeatures, draft_rows
 from traineagle3.metrics import MetricsLog, StepStats
-from traineagle3.target_tensors import embedding_and_head
+from traineagle3.target_tensors import embedding_and_head, final_norm
 from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
 
 log = logging.getLogger("traineagle3")
@@ -159,6 +159,7 @@ def main(argv=None) -> None:
         target = load_target()
         features = TargetFeatures(target, aux, vocab)
         embed = target.get_input_embeddings().weight.data
+        draft_head = features.draft_head
 
         def batch_features(batch_idx, split):
             batch = {k: v.to(device) for k, v in collate([datasets[split][i] for i in batch_idx], pad_id).items()}
@@ -168,6 +169,8 @@ def main(argv=None) -> None:
     draft.embed_tokens.weight.data.copy_(embed)
     draft.d2t.copy_(vocab.d2t)
     draft.t2d.copy_(vocab.t2d)
+    if cfg.draft_init == "target":
+        draft.init_from_target(draft_head, final_norm(target_path))
 
     # engine
     steps_per_epoch = len(train_idx) // (micro * accum * world)
@@ -191,7 +194,8 @@ def main(argv=None) -> None:
 
     def run(batch_idx, split):
         batch, f = batch_features(batch_idx, split)
-        result = engine(f.aux_hidden.to(dtype), batch["input_ids"], batch["loss_mask"], f.teacher, f.teacher_ok,
+        loss_mask = batch["attention_mask"] if cfg.train_on == "all" else batch["loss_mask"]
+        result = engine(f.aux_hidden.to(dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
                         cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
         return result, int(batch["attention_mask"].sum())
 
