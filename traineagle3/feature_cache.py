@@ -68,7 +68,7 @@ def shard_path(folder: Path, j: int) -> Path:
     return folder / f"shard-{j:05d}.safetensors"
 
 
-def _write_shard(path: Path, samples: list[dict], extract, batch_size: int, pad_id: int, dtype, device) -> None:
+def _write_shard(path: Path, samples: list[dict], extract, batch_size: int, pad_id: int, dtype, device, bar) -> None:
     parts = {"aux": [], "last": [], "teacher_ok": []}
     for a in range(0, len(samples), batch_size):
         chunk = samples[a : a + batch_size]
@@ -78,6 +78,7 @@ def _write_shard(path: Path, samples: list[dict], extract, batch_size: int, pad_
             parts["aux"].append(aux[r, :n].to(dtype).cpu())
             parts["last"].append(last[r, :n].to(dtype).cpu())
             parts["teacher_ok"].append(ok[r, :n].cpu())
+        bar.update(len(chunk))
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     tensors["input_ids"] = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.int32)
     tensors["loss_mask"] = torch.tensor([m for s in samples for m in s["loss_mask"]], dtype=torch.uint8)
@@ -101,9 +102,11 @@ def build_shards(folder: Path, parts: dict, dataset, make_extractor, *, hidden_s
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         extract = make_extractor()
-        for j in tqdm(todo, desc="features", unit="shard", disable=not progress):
-            a, b = plan[j]
-            _write_shard(shard_path(folder, j), [dataset[i] for i in range(a, b)], extract, batch_size, pad_id, dtype, device)
+        with tqdm(total=sum(plan[j][1] - plan[j][0] for j in todo), desc="features", unit="sample", disable=not progress) as bar:
+            for j in todo:
+                a, b = plan[j]
+                _write_shard(shard_path(folder, j), [dataset[i] for i in range(a, b)], extract, batch_size, pad_id,
+                             dtype, device, bar)
     return plan
 
 

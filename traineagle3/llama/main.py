@@ -194,7 +194,8 @@ def main(argv=None) -> None:
 
     def run(batch_idx, split):
         batch, f = batch_features(batch_idx, split)
-        loss_mask = batch["attention_mask"] if cfg.train_on == "all" else batch["loss_mask"]
+        # the test split always scores the answers: what serving drafts
+        loss_mask = batch["attention_mask"] if cfg.train_on == "all" and split == "train" else batch["loss_mask"]
         result = engine(f.aux_hidden.to(dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
                         cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
         return result, int(batch["attention_mask"].sum())
