@@ -174,10 +174,9 @@ class Eagle3Draft(nn.Module):
                              f"the draft's lm_head {tuple(self.lm_head.weight.shape)} / norm {tuple(self.norm.weight.shape)}")
         self.lm_head.weight.copy_(head_rows)
         self.norm.weight.copy_(final_norm)
-        H = self.config.hidden_size
-        if self.fc.weight.shape[1] == 3 * H:  # the target's width: pass the high layer through
-            self.fc.weight.zero_()
-            self.fc.weight[:, 2 * H:].copy_(torch.eye(H))
+        H = self.config.hidden_size  # the target's too (the draft shares its embedding)
+        self.fc.weight.zero_()
+        self.fc.weight[:, 2 * H:].copy_(torch.eye(H))
 
     def forward(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
                 decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
