@@ -9,6 +9,7 @@ CI check that vLLM loads a trained draft and that the served table is complete.
 import json
 import subprocess
 import sys
+import tomllib
 
 from conftest import ROOT, run_env
 from dataset.jsonl import read_records
@@ -33,10 +34,15 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     assert (out / "log_plot.png").stat().st_size > 0
     prompt_sets = ["sharegpt"] + (["mt-bench"] if (ROOT.parent / "shared" / "bench" / "mt_bench").exists() else [])
     summary = (out / "summary.md").read_text()
+    served = tomllib.loads((ROOT / "traineagle3" / "llama" / "cpu_demo.toml").read_text())["quick"]["served"]
+    assert "sharegpt" in served  # the held-out prompts are always served
     for name in prompt_sets:
         assert f"| {name} (" in summary
         offline = json.loads((out / f"eval_{name}.json").read_text())["total"]
         assert offline["identical"] and 1.0 <= offline["tau"] <= 4.0
+        if name not in served:
+            assert f"| {name} (" in summary and "not served" in summary.split(f"| {name} (")[1].splitlines()[0]
+            continue
         rows = {row["server"]: row for row in json.loads((out / "served" / name / "compare.json").read_text())}
         assert rows["baseline"]["completed"] == rows["eagle3"]["completed"] == "2/2"  # completed == requested
         assert rows["eagle3"]["acceptance_length"] >= 1.0 and len(rows["eagle3"]["acceptance_per_position"]) == 3

@@ -73,6 +73,7 @@ def test_cli_prints_table_and_writes_json(tiny_target, tmp_path):
                        cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| tau |" in r.stdout.replace(" tau ", " tau ") and "lossless" in r.stdout
+    assert [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("eval: prompt")] == ["eval: prompt 1/2", "eval: prompt 2/2"]
     result = json.loads(out.read_text())
     assert result["total"]["prompts"] == 2 and len(result["total"]["acceptance_per_position"]) == 2
     assert result["total"]["identical"] is True

@@ -134,3 +134,12 @@ def test_embedding_and_head_are_read_without_the_model(tiny_target, smol_path):
     assert torch.equal(head.float(), target.lm_head.weight) and not torch.equal(head, embed)
     embed, head = embedding_and_head(smol_path, AutoConfig.from_pretrained(smol_path))  # tied: head is the embedding
     assert head is embed and embed.shape[0] == AutoConfig.from_pretrained(smol_path).vocab_size
+
+
+def test_shards_are_cut_by_bytes_and_by_samples(monkeypatch):
+    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 100)
+    monkeypatch.setattr(feature_cache, "SHARD_SAMPLES", 3)
+    plan = feature_cache.plan_shards([10, 10, 10, 10, 60, 50, 200, 1, 1], bytes_per_token=1)
+    # the first shard stops at 3 samples; 10+60 then fits 100 bytes, +50 would not; 200 is alone
+    assert plan == [(0, 3), (3, 5), (5, 6), (6, 7), (7, 9)]
+    assert [i for a, b in plan for i in range(a, b)] == list(range(9))

@@ -1,8 +1,9 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from traineagle3.draft import default_aux_layers, to_vllm_layer_ids
-from traineagle3.features import TargetFeatures
+from traineagle3.features import TargetFeatures, add_feature_noise
 from traineagle3.vocab import VocabMap
 
 
@@ -48,3 +49,12 @@ def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_l
     with torch.no_grad():  # the low and mid layers start switched off, not the high one
         assert not torch.allclose(draft.fc(aux), draft.fc(torch.cat([aux[..., :-1], aux[..., -1:] + 1], -1)))
         torch.testing.assert_close(draft.fc(aux), draft.fc(torch.cat([aux[..., :10] + 1, aux[..., 10:]], -1)))
+
+
+def test_feature_noise_scales_with_each_aux_layer():
+    torch.manual_seed(0)
+    aux = torch.cat([torch.full((2, 500, 8), 100.0), torch.full((2, 500, 8), -1.0), torch.zeros(2, 500, 8)], dim=-1)
+    noise = (add_feature_noise(aux, 0.2) - aux).unflatten(-1, (3, 8))
+    assert noise[..., 0, :].std().item() == pytest.approx(20.0, rel=0.05)
+    assert noise[..., 1, :].std().item() == pytest.approx(0.2, rel=0.05)
+    assert noise[..., 2, :].abs().max().item() == 0  # a zero feature (padding) stays zero

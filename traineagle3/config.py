@@ -34,6 +34,7 @@ class TrainConfig:
     draft_config: str | None = field(default=None, metadata={"help": "JSON file of draft config fields overriding those derived from the target"})
     draft_init: str = field(default="target", metadata={"help": "'target': lm_head from the target's output rows, norm from its final norm, fc passing the highest aux layer through (see Eagle3Draft.init_from_target); 'random': all at random"})
     train_on: str = field(default="assistant", metadata={"help": "tokens that give a loss: 'assistant' (the answers, what serving drafts) or 'all' (also the prompts: the teacher there is still the target's own prediction, so scarce data gives more signal per target pass); the test split always scores answers only"})
+    feature_noise: float = field(default=0.0, metadata={"help": "training features get Gaussian noise of this times each aux layer's RMS: a regulariser for small data"})
     ttt_steps: int = field(default=7, metadata={"help": "training-time-test unroll length"})
     ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
     loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})

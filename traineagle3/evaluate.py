@@ -140,17 +140,20 @@ def summarize(accepted: list[int], k: int) -> dict:
             "acceptance_per_position": [round(sum(a > i for a in accepted) / rounds, 4) for i in range(k)]}
 
 
-def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device) -> dict:
+def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device, progress: str | None = None) -> dict:
+    """All prompts; with `progress` (a label), one line per prompt: several runs side by side stay readable."""
     ids = draft.config.eagle_aux_hidden_state_layer_ids
     hooks = AuxHooks(target, ids)
     eos = _eos_ids(target, tokenizer)
     rows, all_accepted, totals = [], [], [0.0, 0.0, 0, 0]  # spec s, plain s, spec tokens, plain tokens
     try:
-        for p in prompts:
+        for i, p in enumerate(prompts):
             row, accepted, times = _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device)
             rows.append(row)
             all_accepted += accepted
             totals = [a + b for a, b in zip(totals, times)]
+            if progress:
+                print(f"{progress}: prompt {i + 1}/{len(prompts)}, tau so far {summarize(all_accepted, k)['tau']:.2f}", flush=True)
     finally:
         hooks.remove()
     spec_s, plain_s, spec_tok, plain_tok = totals
@@ -219,7 +222,8 @@ def main(argv=None) -> None:
     if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
         draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
     prompts = read_prompts(args.prompts, args.num_prompts, args.max_turns)
-    result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device)
+    result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device,
+                      progress=Path(args.out).stem)
     result["args"] = vars(args)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))

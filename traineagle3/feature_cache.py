@@ -35,6 +35,7 @@ from .target_tensors import target_fingerprint
 
 FORMAT = "1"
 SHARD_BYTES = 1 << 30  # features per shard file
+SHARD_SAMPLES = 128  # and samples: a small data set still makes shards for every rank to compute
 MANIFEST = "manifest.json"
 DTYPES = ("bfloat16", "float16", "float32")  # storage dtypes
 
@@ -44,7 +45,7 @@ def cache_parts(data_key: str, target_path: str, target_dtype: str, aux_layers: 
     draft_ids = hashlib.sha256(vocab.draft_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
     return {"format": FORMAT, "data": data_key, "target": target_fingerprint(target_path), "target_dtype": target_dtype,
             "aux_layers": list(aux_layers), "vocab_size": vocab.vocab_size, "draft_ids": draft_ids, "dtype": dtype,
-            "shard_bytes": SHARD_BYTES}
+            "shard_bytes": SHARD_BYTES, "shard_samples": SHARD_SAMPLES}
 
 
 def cache_folder(root: str | Path, parts: dict) -> Path:
@@ -52,10 +53,10 @@ def cache_folder(root: str | Path, parts: dict) -> Path:
 
 
 def plan_shards(lengths: list[int], bytes_per_token: int) -> list[tuple[int, int]]:
-    """Consecutive sample ranges [start, end) of about SHARD_BYTES each (at least one sample)."""
+    """Consecutive sample ranges [start, end) of about SHARD_BYTES and at most SHARD_SAMPLES each."""
     shards, start, tokens = [], 0, 0
     for i, n in enumerate(lengths):
-        if i > start and (tokens + n) * bytes_per_token > SHARD_BYTES:
+        if i > start and ((tokens + n) * bytes_per_token > SHARD_BYTES or i - start == SHARD_SAMPLES):
             shards.append((start, i))
             start, tokens = i, 0
         tokens += n

@@ -82,3 +82,14 @@ class TargetFeatures:
 
     def __call__(self, input_ids: torch.Tensor) -> Features:
         return Features.from_last_hidden(*self.hidden(input_ids), self.draft_head)
+
+
+def add_feature_noise(aux_hidden: torch.Tensor, scale: float, layers: int = 3) -> torch.Tensor:
+    """Gaussian noise of `scale` x each aux layer's RMS at each position (EAGLE's augmentation).
+
+    A draft trained on little data learns the exact features of its training samples
+    (train loss far below test); jittering them makes it learn from their neighbourhood.
+    """
+    parts = aux_hidden.unflatten(-1, (layers, -1))
+    rms = parts.float().pow(2).mean(-1, keepdim=True).sqrt().to(parts.dtype)
+    return (parts + scale * rms * torch.randn_like(parts)).flatten(-2)

@@ -34,7 +34,7 @@ from traineagle3.cache import cache_root
 from traineagle3.default_model import resolve_target
 from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
 from traineagle3.feature_cache import cache_folder, cache_parts, ensure_cache
-from traineagle3.features import Features, TargetFeatures, draft_rows
+from traineagle3.features import Features, TargetFeatures, add_feature_noise, draft_rows
 from traineagle3.metrics import MetricsLog, StepStats
 from traineagle3.target_tensors import embedding_and_head, final_norm
 from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
@@ -91,6 +91,7 @@ def main(argv=None) -> None:
     cfg: TrainConfig = from_args(args)
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.info("%d rank(s) on %s, %d CPU threads each (OMP_NUM_THREADS)", world, device, torch.get_num_threads())
     out = Path(cfg.output_dir)
     cache = Path(cfg.cache_dir or cache_root())
 
@@ -196,7 +197,8 @@ def main(argv=None) -> None:
         batch, f = batch_features(batch_idx, split)
         # the test split always scores the answers: what serving drafts
         loss_mask = batch["attention_mask"] if cfg.train_on == "all" and split == "train" else batch["loss_mask"]
-        result = engine(f.aux_hidden.to(dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
+        aux_hidden = add_feature_noise(f.aux_hidden, cfg.feature_noise) if cfg.feature_noise and split == "train" else f.aux_hidden
+        result = engine(aux_hidden.to(dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
                         cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
         return result, int(batch["attention_mask"].sum())
 
