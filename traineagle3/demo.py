@@ -78,8 +78,8 @@ class Demo:
         cfg = {"target": "smollm2-135m-instruct", "train_data": str(self.data / "train.jsonl"),
                "test_data": str(self.data / "test.jsonl"), "max_length": self.p["max_length"],
                "draft_vocab_size": self.p["draft_vocab_size"], "ttt_steps": self.p["ttt_steps"],
-               "loss_type": self.p["loss_type"], "train_on": self.p["train_on"], "feature_cache": self.p["feature_cache"], "feature_noise": self.p["feature_noise"],
-               "feature_cache_dtype": "float32", "epochs": self.p["epochs"], "save_every": 50, "log_every": 10,
+               "loss_type": self.p["loss_type"], "train_on": self.p["train_on"], "feature_noise": self.p["feature_noise"],
+               "feature_cache": self.p["feature_cache"], "feature_cache_dtype": "float32", "epochs": self.p["epochs"], "save_every": 50, "log_every": 10,
                "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
         self.train_dir.mkdir(parents=True, exist_ok=True)
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
