@@ -40,8 +40,12 @@ class Demo:
     def step(self, n: int, what: str) -> None:
         print(f"\n[demo {self.profile}] step {n}/7: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True)
 
-    def run(self, *cmd, **kw) -> None:
-        subprocess.run([str(c) for c in cmd], cwd=ROOT, env=self.env, check=True, **kw)
+    def spawn(self, *cmd, env=None) -> subprocess.Popen:
+        return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env)
+
+    def run(self, *cmd) -> None:
+        if (rc := self.spawn(*cmd).wait()) != 0:
+            raise subprocess.CalledProcessError(rc, [str(c) for c in cmd])
 
     def py(self, *args) -> None:
         self.run(sys.executable, *args)
@@ -98,12 +102,12 @@ class Demo:
         """
         todo = {name: path for name, path in prompt_sets.items() if not (self.out / f"eval_{name}.json").exists()}
         env = dict(self.env, OMP_NUM_THREADS=str(max((os.cpu_count() or 1) // max(len(todo), 1), 1)))
-        procs = [(name, subprocess.Popen(
-            [sys.executable, "-m", "traineagle3.evaluate", "--target", "smollm2-135m-instruct", "--draft",
-             str(self.out / "exported" / "vllm"), "--prompts", str(path), "--num-prompts", str(self.p["eval_prompts"]),
-             "--num-speculative-tokens", str(self.p["k"]), "--max-new-tokens", str(self.p["eval_tokens"]),
-             "--max-turns", "1", "--out", str(self.out / f"eval_{name}.json")],  # first turns: what benchmark/ serves
-            cwd=ROOT, env=env)) for name, path in todo.items()]
+        procs = [(name, self.spawn(
+            sys.executable, "-m", "traineagle3.evaluate", "--target", "smollm2-135m-instruct", "--draft",
+            self.out / "exported" / "vllm", "--prompts", path, "--num-prompts", self.p["eval_prompts"],
+            "--num-speculative-tokens", self.p["k"], "--max-new-tokens", self.p["eval_tokens"],
+            "--max-turns", 1, "--out", self.out / f"eval_{name}.json", env=env))  # first turns: what benchmark/ serves
+            for name, path in todo.items()]
         failed = [name for name, proc in procs if proc.wait() != 0]
         if failed:
             raise SystemExit(f"offline evaluation failed for {failed} (output above)")
