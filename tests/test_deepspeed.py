@@ -54,7 +54,8 @@ def weights(out):
 @pytest.fixture(scope="module")
 def baseline(tiny_target, chat_jsonl, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
-    finish(launch(train_args(tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache")))
+    log = finish(launch(train_args(tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache")))
+    (tmp / "run.log").write_text(log)
     return tmp / "out"
 
 
@@ -72,6 +73,11 @@ def test_run_writes_serving_folder_and_metrics(baseline):
     for x in lines:  # chained acceptance: step 0 is its accuracy, then it can only fall
         assert x["acceptance"][0] == x["acc"][0] and x["acceptance"] == sorted(x["acceptance"], reverse=True)
     assert train[-1]["loss"][0] < train[0]["loss"][0]
+
+
+def test_one_cpu_rank_skips_the_shared_memory_op(baseline):
+    """DeepSpeed JIT-builds it (~1 min on a fresh machine) and loads it for any world size."""
+    assert "shm_comm" not in (baseline.parent / "run.log").read_text()
 
 
 def test_two_ranks_match_one_rank_with_doubled_accumulation(baseline, tiny_target, chat_jsonl, tmp_path):
