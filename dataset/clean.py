@@ -12,8 +12,11 @@ Rules, applied to each answer in order; a conversation ends before its first bad
               compresses to 30-50%, tables and ASCII art to 7-15%);
 - truncated:  finish_reason "length", only with `--drop-truncated`.
 Then duplicates are dropped: conversations with the same user turns (white space and
-case folded) keep their first copy.  The rest is shuffled with `--seed` after sorting
-by id (so input order does not matter) and the first `--test-fraction` becomes test.
+case folded) keep their first copy.  A conversation is held out when a hash of `--seed`
+and its id falls below `--test-fraction` (about that share of the data): the split
+depends on nothing else, so input order does not matter and growing the data never
+moves a conversation between train and test (a draft retrained on more data is still
+scored on prompts it never saw).  Both files are in that hash order.
 Writes train.jsonl, test.jsonl and summary.json (counts per rule).
 """
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import re
 import zlib
 from collections import Counter
@@ -78,6 +80,12 @@ def prompt_key(conv: list[dict]) -> str:
     return hashlib.sha256(users.encode()).hexdigest()
 
 
+def split_key(record_id: str, seed: int) -> float:
+    """Where a conversation falls in [0, 1): a function of its id and the seed alone."""
+    digest = hashlib.sha256(f"{seed}\0{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
           keep_refusals: bool = False, drop_truncated: bool = False) -> dict:
     counts: Counter = Counter()
@@ -101,9 +109,8 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
             continue
         seen.add(key)
         kept.append({"id": record_id(index, rec.get("id")), "conversations": conv})
-    kept.sort(key=lambda r: r["id"])
-    random.Random(seed).shuffle(kept)
-    n_test = round(len(kept) * test_fraction)
+    kept.sort(key=lambda r: split_key(r["id"], seed))
+    n_test = sum(split_key(r["id"], seed) < test_fraction for r in kept)
     splits = {"test": kept[:n_test], "train": kept[n_test:]}
     out_dir = Path(out_dir)
     for name, records in splits.items():

