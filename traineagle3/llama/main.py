@@ -57,7 +57,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if get_accelerator().device_name() == "cpu" and os.environ["WORLD_SIZE"] == "1":
+    if get_accelerator().device_name() == "cpu" and os.environ.get("WORLD_SIZE") == "1":
         # One CPU rank has no peer to all-reduce with, yet DeepSpeed would JIT-compile its
         # shared-memory all-reduce op for it: ~1 minute on a fresh machine.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
