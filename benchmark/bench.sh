@@ -3,7 +3,7 @@
 # An engine sets ENGINE, BACKEND and may define after_run LABEL URL RESULT_STEM.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-DATASET="${DATASET:-sharegpt}" SHAREGPT_TEST="${SHAREGPT_TEST:-$REPO_DIR/outputs/cpu-demo/data/test.jsonl}"
+DATASET="${DATASET:-sharegpt}" SHAREGPT_TEST="${SHAREGPT_TEST:-$REPO_DIR/outputs/demo-default/data/test.jsonl}"
 MT_BENCH="${MT_BENCH:-$REPO_DIR/data/mt_bench/question.jsonl}" CONCURRENCY="${CONCURRENCY:-1}"
 NUM_PROMPTS="${NUM_PROMPTS:-80}" OUTPUT_LEN="${OUTPUT_LEN:-256}" TARGET="${TARGET:-}"
 SERVED_NAME="${SERVED_NAME:-target}" HOST="${HOST:-127.0.0.1}"
@@ -14,7 +14,7 @@ bench_usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOT
 
 flags ([environment variable] = default):
   --dataset D           [DATASET] sharegpt (the held-out split, [SHAREGPT_TEST] =
-                        outputs/cpu-demo/data/test.jsonl) | mt-bench ([MT_BENCH] =
+                        outputs/demo-default/data/test.jsonl) | mt-bench ([MT_BENCH] =
                         data/mt_bench/question.jsonl, FastChat's) | any chat JSON/JSONL = sharegpt
   --concurrency "1 4"   [CONCURRENCY] levels, each run for both servers = 1
   --num-prompts N       [NUM_PROMPTS] = 80

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from traineagle3.cache import publish
-from traineagle3.records import BadRecord, normalise, record_id
+from traineagle3.records import BadRecord, normalise, record_id, split_key
 
 from .jsonl import Appender, read_records
 
@@ -78,12 +78,6 @@ def clean_conversation(rec: dict, keep_refusals: bool, drop_truncated: bool) -> 
 def prompt_key(conv: list[dict]) -> str:
     users = "\n\x00".join(" ".join(m["content"].split()).casefold() for m in conv if m["role"] == "user")
     return hashlib.sha256(users.encode()).hexdigest()
-
-
-def split_key(record_id: str, seed: int) -> float:
-    """Where a conversation falls in [0, 1): a function of its id and the seed alone."""
-    digest = hashlib.sha256(f"{seed}\0{record_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,

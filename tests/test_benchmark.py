@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT
 from benchmark.compare import read_results
+from traineagle3.demo import default_out
 
 
 def sh(script, *args, env=None, check=True):
@@ -78,6 +79,17 @@ def test_container_runtimes_wrap_the_command_and_mount_model_folders(engine, tmp
     assert str(target) in binds and str(draft) in binds
     (cmd,) = dry(f"{engine}/serve.sh", "--target", str(target), "--runtime", "docker", "--image", "vllm/vllm-openai:v0")
     assert cmd[:3] == ["docker", "run", "--rm"] and f"{target}:{target}" in cmd and "--network" in cmd
+
+
+def test_defaults_serve_and_benchmark_what_make_demo_wrote():
+    """After `make demo`, serve.sh --eagle and benchmark.sh need no paths."""
+    demo = default_out("default")
+    (cmd,) = dry("vllm/serve.sh", "-e", "--target", "/t")
+    assert json.loads(flag(cmd, "--speculative-config"))["model"] == str(demo / "exported" / "vllm")
+    (cmd,) = dry("sglang/serve.sh", "-e", "--target", "/t")
+    assert flag(cmd, "--speculative-draft-model-path") == str(demo / "exported" / "sglang")
+    prompts = dry("vllm/benchmark.sh", "--target", "/t")[0]
+    assert prompts[1:3] == ["-m", "benchmark.prompts"] and prompts[3] == str(demo / "data" / "test.jsonl")
 
 
 def test_bad_flags_and_missing_draft_are_clear_errors(tmp_path):

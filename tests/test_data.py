@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from traineagle3.data import (DataConfig, epoch_batches, load_tokenized, special_token_ids, split_train_test,
                               tokenize_conversation)
@@ -73,7 +74,21 @@ def test_one_rank_with_accumulation_sees_what_two_ranks_see():
     assert epoch_batches(idx, 4, 1, 2, 2, 1, 0) != one  # a new order each epoch
 
 
-def test_split_is_deterministic_and_disjoint():
-    a = split_train_test(100, 0.1, seed=42)
-    assert a == split_train_test(100, 0.1, seed=42) and len(a[1]) == 10
-    assert not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 100
+def test_split_by_content_is_stable_under_growth_and_keeps_copies_together():
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, 1000, (int(n),), generator=g).tolist() for n in torch.randint(5, 40, (400,), generator=g)]
+    train, test = split_train_test(samples, 0.1, seed=42)
+    assert (train, test) == split_train_test(samples, 0.1, seed=42) and 20 <= len(test) <= 60
+    assert sorted(train + test) == list(range(400))
+    assert split_train_test(samples, 0.1, seed=7)[1] != test
+    # the first 100 samples, and the same 400 reversed: each sample keeps its side
+    held = {tuple(samples[i]) for i in test}
+    sub_train, sub_test = split_train_test(samples[:100], 0.1, seed=42)
+    assert {tuple(samples[i]) for i in sub_test} == held & {tuple(s) for s in samples[:100]}
+    rev = samples[::-1]
+    assert {tuple(rev[i]) for i in split_train_test(rev, 0.1, seed=42)[1]} == held
+    # a copy of a held-out sample is held out too
+    twice = samples + [samples[test[0]]]
+    assert 400 in split_train_test(twice, 0.1, seed=42)[1]
+    # a tiny set still tests on something
+    assert len(split_train_test(samples[:3], 0.01, seed=42)[1]) == 1 and split_train_test(samples, 0.0, 42)[1] == []

@@ -16,7 +16,8 @@ from dataset.clean import clean
 from dataset.download import download
 from dataset.jsonl import Appender, read_records, repair_tail
 from dataset.regenerate import RegenConfig, run
-from vllm_server import free_port, stop, vllm_server
+from traineagle3.net import free_port
+from vllm_server import vllm_server
 
 
 def write_jsonl(path, records):
@@ -196,7 +197,7 @@ REGEN = [sys.executable, "-m", "dataset.regenerate", "--model", "smollm2", "--ma
 
 @pytest.fixture(scope="module")
 def served(smol_path, tmp_path_factory):
-    with vllm_server(smol_path, tmp_path_factory.mktemp("vllm") / "server.log") as (url, _):
+    with vllm_server(smol_path, tmp_path_factory.mktemp("vllm")) as (url, _):
         yield url
 
 
@@ -230,13 +231,13 @@ def test_regeneration_killed_with_sigkill_resumes_without_loss_or_duplicates(ser
 
 def test_a_server_stopped_mid_run_fails_conversations_into_the_failures_file(smol_path, served, chat_jsonl, tmp_path):
     out = tmp_path / "regen.jsonl"
-    with vllm_server(smol_path, tmp_path / "doomed.log") as (url, server):
+    with vllm_server(smol_path, tmp_path / "doomed") as (url, stop_server):
         proc = subprocess.Popen(regen_cmd(url, chat_jsonl, out, "--concurrency", "2", "--max-retries", "2"),
                                 cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
         while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
             time.sleep(0.2)
-        stop(server)
+        stop_server()
         log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, log
     written, failed = ids_of(out), ids_of(tmp_path / "regen.failures.jsonl")

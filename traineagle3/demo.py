@@ -15,12 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
+
+from .net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
@@ -43,7 +44,7 @@ class Demo:
         self.data, self.train_dir = out / "data", out / "train"
         self.env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(out / "serve"), DS_ACCELERATOR="cpu",
                         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.ports = {"baseline": _free_port(), "eagle3": _free_port()}
+        self.ports = {"baseline": free_port(), "eagle3": free_port()}
 
     def step(self, n: int, what: str) -> None:
         print(f"\n[demo {self.profile}] step {n}/7: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True)
@@ -185,10 +186,9 @@ def summary_table(offline: dict, served: dict, k: int) -> str:
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def default_out(profile: str) -> Path:
+    """Where a profile writes; benchmark/'s serve and benchmark scripts default to the default's."""
+    return ROOT / "outputs" / f"demo-{profile}"
 
 
 def main(argv=None) -> None:
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     profile = a.profile or "default"
     if shutil.which("bash") is None:
         raise SystemExit("the demo needs bash (benchmark/vllm/serve.sh)")
-    Demo(profile, a.out or ROOT / "outputs" / f"demo-{profile}").main()
+    Demo(profile, a.out or default_out(profile)).main()
 
 
 if __name__ == "__main__":

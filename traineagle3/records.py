@@ -10,6 +10,7 @@ Malformed records are skipped and counted, never fatal, and never silent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -207,3 +208,12 @@ def read_conversations(source: str, split: str = "train", limit: int | None = No
     report = ReadReport(source)
     convs = [conv for _, _, conv in iter_conversations(source, report, split, limit)]
     return convs, report
+
+
+def split_key(identity: str | bytes, seed: int) -> float:
+    """Where an item falls in [0, 1): a function of its identity and the seed alone, so a
+    split by `split_key(x) < test_fraction` never moves an item between train and test
+    when others are added, removed or reordered."""
+    data = identity.encode() if isinstance(identity, str) else identity
+    digest = hashlib.sha256(str(seed).encode() + b"\0" + data).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -11,7 +11,7 @@
 # tree, e.g. --num-steps 5 --eagle-topk 8 --num-draft-tokens 32, is often faster at batch 1.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
-DRAFT="${DRAFT:-$REPO_DIR/outputs/cpu-demo/exported/sglang}" NUM_STEPS="${NUM_STEPS:-3}"
+DRAFT="${DRAFT:-$REPO_DIR/outputs/demo-default/exported/sglang}" NUM_STEPS="${NUM_STEPS:-3}"
 EAGLE_TOPK="${EAGLE_TOPK:-1}" NUM_DRAFT_TOKENS="${NUM_DRAFT_TOKENS:-4}"
 MEM_FRACTION_STATIC="${MEM_FRACTION_STATIC:-}" MAX_TOTAL_TOKENS="${MAX_TOTAL_TOKENS:-}"
 CUDA_GRAPH_MAX_BS="${CUDA_GRAPH_MAX_BS:-}"
@@ -20,7 +20,7 @@ usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOT
 
 flags ([environment variable] = default):
 $COMMON_FLAGS
-  --draft DIR                  [DRAFT] = outputs/cpu-demo/exported/sglang
+  --draft DIR                  [DRAFT] = outputs/demo-default/exported/sglang
   --num-steps N                [NUM_STEPS] --speculative-num-steps = 3
   --eagle-topk K               [EAGLE_TOPK] --speculative-eagle-topk = 1
   --num-draft-tokens N         [NUM_DRAFT_TOKENS] --speculative-num-draft-tokens = 4

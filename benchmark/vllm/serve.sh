@@ -11,7 +11,7 @@
 # with the settings vLLM's CPU docs ask for.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
-DRAFT="${DRAFT:-$REPO_DIR/outputs/cpu-demo/exported/vllm}" SPEC_METHOD="${SPEC_METHOD:-eagle3}"
+DRAFT="${DRAFT:-$REPO_DIR/outputs/demo-default/exported/vllm}" SPEC_METHOD="${SPEC_METHOD:-eagle3}"
 NUM_SPEC_TOKENS="${NUM_SPEC_TOKENS:-3}" DRAFT_TP="${DRAFT_TP:-1}" MAX_NUM_SEQS="${MAX_NUM_SEQS:-}"
 GPU_MEMORY_UTILIZATION="${GPU_MEMORY_UTILIZATION:-}" ENFORCE_EAGER="${ENFORCE_EAGER:-}"
 
@@ -19,7 +19,7 @@ usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOT
 
 flags ([environment variable] = default):
 $COMMON_FLAGS
-  --draft DIR                  [DRAFT] = outputs/cpu-demo/exported/vllm
+  --draft DIR                  [DRAFT] = outputs/demo-default/exported/vllm
   --method M                   [SPEC_METHOD] = eagle3
   --num-speculative-tokens K   [NUM_SPEC_TOKENS] = 3
   --draft-tp N                 [DRAFT_TP] draft_tensor_parallel_size = 1

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import deepspeed
@@ -36,6 +35,7 @@ from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_conf
 from traineagle3.feature_cache import cache_folder, cache_parts, ensure_cache
 from traineagle3.features import Features, TargetFeatures, add_feature_noise, draft_rows
 from traineagle3.metrics import MetricsLog, StepStats
+from traineagle3.net import free_port
 from traineagle3.target_tensors import embedding_and_head, final_norm
 from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
 
@@ -53,10 +53,7 @@ def parse_args(argv=None):
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the launcher's process group; a plain `python main.py` is a world of one."""
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if get_accelerator().device_name() == "cpu" and os.environ.get("WORLD_SIZE") == "1":
         # One CPU rank has no peer to all-reduce with, yet DeepSpeed would JIT-compile its
         # shared-memory all-reduce op for it: ~1 minute on a fresh machine.
@@ -117,7 +114,7 @@ def main(argv=None) -> None:
         train_idx, test_idx = list(range(len(train_ds))), list(range(len(test_ds)))
     else:
         test_ds, test_key = train_ds, train_key
-        train_idx, test_idx = split_train_test(len(train_ds), cfg.test_fraction, cfg.seed)
+        train_idx, test_idx = split_train_test(train_ds["input_ids"], cfg.test_fraction, cfg.seed)
         key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
 
     # target, vocabulary, draft
