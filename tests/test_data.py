@@ -83,7 +83,7 @@ def test_split_by_content_is_stable_under_growth_and_keeps_copies_together():
     assert split_train_test(samples, 0.1, seed=7)[1] != test
     # the first 100 samples, and the same 400 reversed: each sample keeps its side
     held = {tuple(samples[i]) for i in test}
-    sub_train, sub_test = split_train_test(samples[:100], 0.1, seed=42)
+    sub_test = split_train_test(samples[:100], 0.1, seed=42)[1]
     assert {tuple(samples[i]) for i in sub_test} == held & {tuple(s) for s in samples[:100]}
     rev = samples[::-1]
     assert {tuple(rev[i]) for i in split_train_test(rev, 0.1, seed=42)[1]} == held

@@ -9,9 +9,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import ROOT
 from traineagle3.net import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVE = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
 
 
