@@ -18,6 +18,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -152,8 +153,9 @@ def load_tokenized(cfg: DataConfig, tokenizer, cache_dir: Path):
     return datasets.load_from_disk(str(path / "data")), counts
 
 
-def split_train_test(samples: list[list[int]], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Train and test indices of tokenised samples, held out by a hash of their tokens.
+def split_train_test(samples: Iterable[list[int]], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and test indices of tokenised samples (token-id lists, read once in order),
+    held out by a hash of their tokens.
 
     A sample's side depends on its tokens and the seed alone: more data, less data or
     another order never moves it (a shuffle of indices would: runs of different sizes

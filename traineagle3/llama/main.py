@@ -114,7 +114,9 @@ def main(argv=None) -> None:
         train_idx, test_idx = list(range(len(train_ds))), list(range(len(test_ds)))
     else:
         test_ds, test_key = train_ds, train_key
-        train_idx, test_idx = split_train_test(train_ds["input_ids"], cfg.test_fraction, cfg.seed)
+        # streamed in batches: the whole token column as Python lists would take GBs per rank
+        samples = (ids for batch in train_ds.iter(batch_size=1024) for ids in batch["input_ids"])
+        train_idx, test_idx = split_train_test(samples, cfg.test_fraction, cfg.seed)
         key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
 
     # target, vocabulary, draft
