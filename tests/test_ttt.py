@@ -118,7 +118,9 @@ def test_loss_falls_when_overfitting_8_samples(tiny_target):
 
 def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
     """accepted[k] = positions t whose steps 0..k all match the target (step k at t predicts
-    x[t+2+k]); correct[k] counts step k alone.  Checked against a plain loop."""
+    x[t+2+k]); correct[k] counts step k alone; `scored` counts a position whose target token is
+    outside the draft vocabulary (a sure rejection when serving), `count` does not.  Checked
+    against a plain loop."""
     from traineagle3.ttt import ttt_unroll
 
     torch.manual_seed(0)
@@ -147,8 +149,9 @@ def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
                    torch.nn.functional.one_hot(teacher_top, V).float(), teacher_ok, steps=steps, loss_type="hard")
     right = lambda b, t, k: (t + 2 + k < L and loss_mask[b, t + 2 + k] > 0 and bool(teacher_ok[b, t + 1 + k])
                              and guesses[k][b, t] == teacher_top[b, t + 1 + k])
-    valid0 = [(b, t) for b in range(B) for t in range(L - 2) if loss_mask[b, t + 2] > 0 and teacher_ok[b, t + 1]]
+    scored = [(b, t) for b in range(B) for t in range(L - 2) if loss_mask[b, t + 2] > 0]  # in the vocabulary or not
     for k in range(steps):
         assert int(r.correct[k]) == sum(right(b, t, k) for b in range(B) for t in range(L - 2))
-        assert int(r.accepted[k]) == sum(all(right(b, t, j) for j in range(k + 1)) for b, t in valid0)
-    assert int(r.count[0]) == len(valid0) and 0 < int(r.accepted[-1]) < int(r.accepted[0]) < int(r.correct[0]) + 1
+        assert int(r.accepted[k]) == sum(all(right(b, t, j) for j in range(k + 1)) for b, t in scored)
+    assert int(r.count[0]) == sum(bool(teacher_ok[b, t + 1]) for b, t in scored) < int(r.scored) == len(scored)
+    assert 0 < int(r.accepted[-1]) < int(r.accepted[0]) < int(r.correct[0]) + 1
