@@ -17,6 +17,10 @@ and its id falls below `--test-fraction` (about that share of the data): the spl
 depends on nothing else, so input order does not matter and growing the data never
 moves a conversation between train and test (a draft retrained on more data is still
 scored on prompts it never saw).  Both files are in that hash order.
+`--train-only FILE` adds conversations that go to train.jsonl whatever their hash: answers
+that were not regenerated (e.g. ShareGPT's own), extra training text that would not
+score the target's own answers if held out.  They pass the same rules, after `--in`'s,
+so a copy of a held-out prompt among them is dropped as a duplicate.
 Writes train.jsonl, test.jsonl and summary.json (counts per rule).
 """
 
@@ -80,12 +84,21 @@ def prompt_key(conv: list[dict]) -> str:
     return hashlib.sha256(users.encode()).hexdigest()
 
 
+def _records(src: Path, train_only: Path | None):
+    """(index, record, may it be held out) of `src`, then of `train_only`."""
+    for index, rec in read_records(src):
+        yield index, rec, True
+    if train_only is not None:
+        for index, rec in read_records(train_only):
+            yield index, rec, False
+
+
 def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
-          keep_refusals: bool = False, drop_truncated: bool = False) -> dict:
+          keep_refusals: bool = False, drop_truncated: bool = False, train_only: Path | None = None) -> dict:
     counts: Counter = Counter()
     examples: dict[str, list[int]] = {}
-    seen, kept = set(), []
-    for index, rec in read_records(src):
+    seen, kept, held_out = set(), [], []
+    for index, rec, may_hold_out in _records(src, train_only):
         try:
             conv, problem = clean_conversation(rec, keep_refusals, drop_truncated)
         except BadRecord as e:
@@ -102,10 +115,11 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
             counts["dropped: duplicate"] += 1
             continue
         seen.add(key)
-        kept.append({"id": record_id(index, rec.get("id")), "conversations": conv})
-    kept.sort(key=lambda r: split_key(r["id"], seed))
-    n_test = sum(split_key(r["id"], seed) < test_fraction for r in kept)
-    splits = {"test": kept[:n_test], "train": kept[n_test:]}
+        record = {"id": record_id(index, rec.get("id")), "conversations": conv}
+        (held_out if may_hold_out and split_key(record["id"], seed) < test_fraction else kept).append(record)
+    by_hash = lambda r: split_key(r["id"], seed)
+    splits = {"test": sorted(held_out, key=by_hash), "train": sorted(kept, key=by_hash)}
+    n_test = len(held_out)
     out_dir = Path(out_dir)
     for name, records in splits.items():
         with publish(out_dir / f"{name}.jsonl") as tmp:
@@ -113,11 +127,12 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
             for r in records:
                 writer.write(r)
             writer.close()
-    summary = {"input": str(src), "kept": len(kept), "train": len(splits["train"]), "test": n_test,
+    summary = {"input": str(src), "train_only": str(train_only) if train_only else None,
+               "kept": len(kept) + n_test, "train": len(splits["train"]), "test": n_test,
                "test_fraction": test_fraction, "seed": seed, "counts": dict(sorted(counts.items())),
                "examples": examples}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{src}: kept {len(kept)} conversations ({len(splits['train'])} train, {n_test} test) in {out_dir}; "
+    print(f"{src}{f' + {train_only}' if train_only else ''}: kept {summary['kept']} conversations ({len(splits['train'])} train, {n_test} test) in {out_dir}; "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return summary
 
@@ -130,8 +145,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--keep-refusals", action="store_true")
     p.add_argument("--drop-truncated", action="store_true", help="end conversations at answers cut by max_tokens")
+    p.add_argument("--train-only", type=Path, help="JSONL of conversations for train.jsonl only (never held out)")
     a = p.parse_args(argv)
-    clean(a.src, a.out_dir, a.test_fraction, a.seed, a.keep_refusals, a.drop_truncated)
+    clean(a.src, a.out_dir, a.test_fraction, a.seed, a.keep_refusals, a.drop_truncated, a.train_only)
 
 
 if __name__ == "__main__":

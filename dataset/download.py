@@ -9,6 +9,8 @@ the token from HF_TOKEN or `hf auth login` (the datasets library reads it; it is
 printed).  A record without an `id` gets `record-<index>`; a repeated id gets `#<index>`.
 `--max-prompt-chars` drops conversations that open with a longer question (a short
 training context cannot hold them, and their prefill dominates regeneration on a CPU).
+`--skip N` passes over the first N conversations that pass the filters: a second
+download takes the ones after a first one's `--limit N`, none of the same.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from .jsonl import Appender
 
 
 def download(source: str, out: Path, split: str = "train", limit: int | None = None,
-             max_prompt_chars: int | None = None) -> dict:
+             max_prompt_chars: int | None = None, skip: int = 0) -> dict:
     report = ReadReport(source)
     seen: set[str] = set()
-    renamed = 0
+    renamed = skipped = 0
     out = Path(out)
     with publish(out) as tmp:
         writer = Appender(tmp, truncate=True)
@@ -41,7 +43,11 @@ def download(source: str, out: Path, split: str = "train", limit: int | None = N
             rid = record_id(index, rid)
             if rid in seen:
                 rid, renamed = f"{rid}#{index}", renamed + 1
-            seen.add(rid)
+            seen.add(rid)  # skipped ones too: ids as one download of them all would give
+            if skipped < skip:
+                report.kept, skipped = report.kept - 1, skipped + 1
+                report.skip(index, f"among the first {skip} that pass the filters (--skip)")
+                continue
             writer.write({"id": rid, "conversations": conv})
             if report.kept == limit:
                 break
@@ -62,9 +68,10 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="train", help="split of a HF dataset")
     p.add_argument("--limit", type=int, help="keep at most this many conversations")
     p.add_argument("--max-prompt-chars", type=int, help="drop conversations whose first user turn is longer")
+    p.add_argument("--skip", type=int, default=0, help="pass over the first N conversations that pass the filters")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    download(args.source, args.out, args.split, args.limit, args.max_prompt_chars)
+    download(args.source, args.out, args.split, args.limit, args.max_prompt_chars, args.skip)
 
 
 if __name__ == "__main__":

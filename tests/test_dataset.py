@@ -54,6 +54,19 @@ def test_download_limit_and_long_first_prompts(tmp_path):
     assert summary["dropped"] == {"first user turn over 50 characters": 3}
 
 
+def test_download_skip_takes_the_conversations_after_a_first_download(tmp_path):
+    """--skip counts only conversations that pass the filters, and names repeated ids as one
+    download of them all would: the two files share no conversation and no id."""
+    recs = [chat(str(i % 7), "q" * (10 if i % 3 else 100), "a") for i in range(20)]
+    src = write_jsonl(tmp_path / "raw.jsonl", recs)
+    download(str(src), tmp_path / "all.jsonl", max_prompt_chars=50)
+    download(str(src), tmp_path / "first.jsonl", limit=4, max_prompt_chars=50)
+    summary = download(str(src), tmp_path / "rest.jsonl", limit=5, max_prompt_chars=50, skip=4)
+    both = ids_of(tmp_path / "first.jsonl") + ids_of(tmp_path / "rest.jsonl")
+    assert both == ids_of(tmp_path / "all.jsonl")[:9] and len(set(both)) == 9 and "1#8" in both
+    assert summary["kept"] == 5 and summary["dropped"]["among the first 4 that pass the filters (--skip)"] == 4
+
+
 def test_download_reads_parquet(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     rows = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(3)]
@@ -247,3 +260,18 @@ def test_a_server_stopped_mid_run_fails_conversations_into_the_failures_file(smo
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(ids_of(out), key=int) == [str(i) for i in range(N)]
     assert ids_of(tmp_path / "regen.failures.jsonl") == []
+
+
+def test_train_only_conversations_are_cleaned_never_held_out_and_never_copy_a_test_prompt(tmp_path):
+    regen = [chat(f"r{i}", f"question {i}", f"answer {i}") for i in range(40)]
+    clean(write_jsonl(tmp_path / "regen.jsonl", regen), tmp_path / "a", test_fraction=0.2, seed=1)
+    test = ids_of(tmp_path / "a" / "test.jsonl")
+    held = next(r for r in regen if r["id"] == test[0])["conversations"][0]["value"]
+    extra = [chat(f"x{i}", f"raw question {i}", f"raw answer {i}") for i in range(40)]
+    extra += [chat("copy", held.upper(), "ChatGPT's answer"), chat("bad", "q", "I'm sorry, but I can't do that.")]
+    s = clean(tmp_path / "regen.jsonl", tmp_path / "b", test_fraction=0.2, seed=1,
+              train_only=write_jsonl(tmp_path / "extra.jsonl", extra))
+    train = ids_of(tmp_path / "b" / "train.jsonl")
+    assert ids_of(tmp_path / "b" / "test.jsonl") == test  # the regenerated split did not move
+    assert {f"x{i}" for i in range(40)} <= set(train) and "copy" not in train and "bad" not in train
+    assert s["counts"]["dropped: duplicate"] == 1 and s["train"] == 80 - len(test) and s["kept"] == 80
