@@ -23,9 +23,15 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     assert r.returncode == 0, log[-6000:]
     for n in range(1, 8):
         assert f"step {n}/7" in r.stdout
+    p = recipe("quick")
     ids = [rec["id"] for _, rec in read_records(out / "data" / "regen.jsonl")]
     assert ids and len(ids) == len(set(ids))
-    assert (out / "data" / "train.jsonl").stat().st_size and (out / "data" / "test.jsonl").stat().st_size
+    raw = [rec["id"] for _, rec in read_records(out / "data" / "raw_train.jsonl")]  # ShareGPT's answers
+    assert len(raw) == p["raw_conversations"] > 0 and not set(raw) & set(ids)
+    split = {name: {rec["id"] for _, rec in read_records(out / "data" / f"{name}.jsonl")} for name in ("train", "test")}
+    assert split["test"] and split["test"] <= set(ids) and split["train"] & set(raw)  # raw ones train only
+    config = json.loads((out / "exported" / "vllm" / "config.json").read_text())
+    assert config["intermediate_size"] == p["draft_intermediate_size"]
     for engine in ("vllm", "sglang"):
         check = subprocess.run([sys.executable, "-m", "traineagle3.export", "--check", str(out / "exported" / engine),
                                 "--engine", engine, "--target", "smollm2-135m-instruct"], cwd=ROOT, env=run_env(),
