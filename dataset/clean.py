@@ -17,10 +17,10 @@ and its id falls below `--test-fraction` (about that share of the data): the spl
 depends on nothing else, so input order does not matter and growing the data never
 moves a conversation between train and test (a draft retrained on more data is still
 scored on prompts it never saw).  Both files are in that hash order.
-`--train-only FILE` adds conversations that go to train.jsonl whatever their hash: answers
-that were not regenerated (e.g. ShareGPT's own), extra training text that would not
-score the target's own answers if held out.  They pass the same rules, after `--in`'s,
-so a copy of a held-out prompt among them is dropped as a duplicate.
+`--train-only FILE` adds conversations to train.jsonl only, whatever their hash: e.g.
+answers that were not regenerated (ShareGPT's own), which would not measure the target if
+held out.  They pass the same rules after `--in`'s, so a copy of a held-out prompt among
+them is dropped as a duplicate.
 Writes train.jsonl, test.jsonl and summary.json (counts per rule).
 """
 
@@ -132,8 +132,8 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
                "test_fraction": test_fraction, "seed": seed, "counts": dict(sorted(counts.items())),
                "examples": examples}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{src}{f' + {train_only}' if train_only else ''}: kept {summary['kept']} conversations ({len(splits['train'])} train, {n_test} test) in {out_dir}; "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"{src}{f' + {train_only}' if train_only else ''}: kept {summary['kept']} conversations "
+          f"({len(splits['train'])} train, {n_test} test) in {out_dir}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return summary
 
 
