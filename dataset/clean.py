@@ -97,7 +97,7 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
           keep_refusals: bool = False, drop_truncated: bool = False, train_only: Path | None = None) -> dict:
     counts: Counter = Counter()
     examples: dict[str, list[int]] = {}
-    seen, kept, held_out = set(), [], []
+    seen, parts = set(), {"test": [], "train": []}  # (split key, record)
     for index, rec, may_hold_out in _records(src, train_only):
         try:
             conv, problem = clean_conversation(rec, keep_refusals, drop_truncated)
@@ -115,11 +115,11 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
             counts["dropped: duplicate"] += 1
             continue
         seen.add(key)
-        record = {"id": record_id(index, rec.get("id")), "conversations": conv}
-        (held_out if may_hold_out and split_key(record["id"], seed) < test_fraction else kept).append(record)
-    by_hash = lambda r: split_key(r["id"], seed)
-    splits = {"test": sorted(held_out, key=by_hash), "train": sorted(kept, key=by_hash)}
-    n_test = len(held_out)
+        rid = record_id(index, rec.get("id"))
+        h = split_key(rid, seed)  # hashed once: it both splits and orders
+        parts["test" if may_hold_out and h < test_fraction else "train"].append((h, {"id": rid, "conversations": conv}))
+    splits = {name: [r for _, r in sorted(part, key=lambda x: x[0])] for name, part in parts.items()}
+    n_test = len(splits["test"])
     out_dir = Path(out_dir)
     for name, records in splits.items():
         with publish(out_dir / f"{name}.jsonl") as tmp:
@@ -128,7 +128,7 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
                 writer.write(r)
             writer.close()
     summary = {"input": str(src), "train_only": str(train_only) if train_only else None,
-               "kept": len(kept) + n_test, "train": len(splits["train"]), "test": n_test,
+               "kept": n_test + len(splits["train"]), "train": len(splits["train"]), "test": n_test,
                "test_fraction": test_fraction, "seed": seed, "counts": dict(sorted(counts.items())),
                "examples": examples}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
