@@ -85,20 +85,20 @@ def prompt_key(conv: list[dict]) -> str:
 
 
 def _records(src: Path, train_only: Path | None):
-    """(index, record, may it be held out) of `src`, then of `train_only`."""
+    """(file, index, record, may it be held out) of `src`, then of `train_only`."""
     for index, rec in read_records(src):
-        yield index, rec, True
+        yield src, index, rec, True
     if train_only is not None:
         for index, rec in read_records(train_only):
-            yield index, rec, False
+            yield train_only, index, rec, False
 
 
 def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
           keep_refusals: bool = False, drop_truncated: bool = False, train_only: Path | None = None) -> dict:
     counts: Counter = Counter()
-    examples: dict[str, list[int]] = {}
+    examples: dict[str, list[str]] = {}  # problem -> its first records, as "file: record N"
     seen, parts = set(), {"test": [], "train": []}  # (split key, record)
-    for index, rec, may_hold_out in _records(src, train_only):
+    for path, index, rec, may_hold_out in _records(src, train_only):
         try:
             conv, problem = clean_conversation(rec, keep_refusals, drop_truncated)
         except BadRecord as e:
@@ -106,7 +106,7 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
         if problem:
             counts[f"answers ended: {problem}"] += 1
             if len(examples.setdefault(problem, [])) < 5:
-                examples[problem].append(index)
+                examples[problem].append(f"{path}: record {index}")
         if not any(m["role"] == "assistant" for m in conv):
             counts["dropped: no usable answer"] += 1
             continue

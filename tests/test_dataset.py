@@ -186,6 +186,7 @@ def test_clean_rules_dedupe_and_a_split_stable_under_growth(tmp_path):
     assert s["counts"] == {"answers ended: malformed (empty message)": 1, "answers ended: refused": 2,
                            "answers ended: garbled (repetition loop)": 1, "answers ended: garbled (U+FFFD)": 1,
                            "dropped: duplicate": 1, "dropped: no usable answer": 4}
+    assert s["examples"]["refused"] == [f"{src}: record 41", f"{src}: record 44"]
     train, test = ids_of(tmp_path / "a" / "train.jsonl"), ids_of(tmp_path / "a" / "test.jsonl")
     assert test and len(train) + len(test) == 42 and not set(train) & set(test)
     kept = {r["id"]: r for _, r in read_records(tmp_path / "a" / "train.jsonl")} | {r["id"]: r for _, r in read_records(tmp_path / "a" / "test.jsonl")}
@@ -275,3 +276,4 @@ def test_train_only_conversations_are_cleaned_never_held_out_and_never_copy_a_te
     assert ids_of(tmp_path / "b" / "test.jsonl") == test  # the regenerated split did not move
     assert {f"x{i}" for i in range(40)} <= set(train) and "copy" not in train and "bad" not in train
     assert s["counts"]["dropped: duplicate"] == 1 and s["train"] == 80 - len(test) and s["kept"] == 80
+    assert s["examples"] == {"refused": [f"{tmp_path / 'extra.jsonl'}: record 41"]}  # names the file it is in
