@@ -10,9 +10,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, run_env
 from dataset.jsonl import read_records
-from traineagle3.demo import recipe
+from traineagle3.demo import Demo, recipe
 
 
 def test_quick_demo_end_to_end(smol_path, tmp_path):
@@ -54,3 +56,13 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
         assert rows["eagle3"]["acceptance_length"] >= 1.0 and len(rows["eagle3"]["acceptance_per_position"]) == 3
         assert rows["eagle3"]["speedup"] > 0 and rows["baseline"]["acceptance_length"] is None
     assert not list((out / "serve").glob("*.pid"))  # both servers stopped
+
+
+def test_a_folder_of_another_recipe_is_refused_not_resumed(tmp_path):
+    Demo("quick", tmp_path).claim_folder()
+    Demo("quick", tmp_path).claim_folder()  # the same recipe resumes
+    changed = Demo("quick", tmp_path)
+    n = changed.p["conversations"]
+    changed.p["conversations"] = n + 1
+    with pytest.raises(SystemExit, match=rf"another recipe \(conversations {n} -> {n + 1}\)"):
+        changed.claim_folder()

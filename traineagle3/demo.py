@@ -9,7 +9,9 @@ teacher at every position is still the target's prediction, and they cost no
 regeneration).  Nothing comes from a model hub.  The recipe, with why each setting was
 chosen, is `traineagle3/llama/cpu_demo.toml`.  Every step writes under
 `outputs/demo-<profile>/` and is skipped or resumed when run again: regeneration appends
-and skips what it has, training resumes from its last checkpoint.
+and skips what it has, training resumes from its last checkpoint.  A folder holds one
+recipe's run (its `recipe.json`): after the recipe changes, the demo refuses the folder
+rather than skip steps that the old recipe did.
 """
 
 from __future__ import annotations
@@ -148,7 +150,21 @@ class Demo:
             results[name] = {r["server"]: r for r in json.loads((folder / "compare.json").read_text())}
         return results
 
+    def claim_folder(self) -> None:
+        """Refuse a folder holding another recipe's run: its steps would be skipped as done."""
+        path = self.out / "recipe.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            changed = [f"{k} {old.get(k)!r} -> {self.p.get(k)!r}" for k in sorted(old.keys() | self.p.keys())
+                       if old.get(k) != self.p.get(k)]
+            if changed:
+                raise SystemExit(f"{self.out} holds a run of another recipe ({'; '.join(changed)}): "
+                                 "remove the folder or pass --out for a new one")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.p, indent=2) + "\n")
+
     def main(self) -> None:
+        self.claim_folder()
         self.step(1, "embedded target (GGUF -> HF folder, cached) and ShareGPT conversations")
         from .default_model import convert_default_target
 
