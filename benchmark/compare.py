@@ -2,9 +2,12 @@
 
     python benchmark/compare.py outputs/benchmark
 
-Files are `<engine>-<baseline|eagle3>-c<concurrency>.json` (vLLM's `bench serve` results).
+Files are `<engine>-<baseline|eagle3>-c<concurrency>[-r<round>].json` (vLLM's `bench serve`
+results).  The rounds of one server and concurrency (benchmark.sh --rounds) add up: output
+tokens/s is all their tokens over all their time, and the per-round speed-ups show the spread.
 The EAGLE-3 acceptance length and per-position acceptance come from vLLM's spec-decode
-metrics in the result, or SGLang's `avg_spec_accept_length` in `<stem>.server_info.json`.
+counts in the results, or SGLang's `avg_spec_accept_length` in `<stem>.server_info.json`
+(the server's running average, read after its last round).
 Speed-up is EAGLE-3 output tokens/s over the baseline's at the same concurrency.
 Writes compare.md, compare.json and compare.png next to the results.
 """
@@ -17,9 +20,9 @@ import re
 import sys
 from pathlib import Path
 
-NAME = re.compile(r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)\.json$")
+NAME = re.compile(r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)(?:-r(?P<round>\d+))?\.json$")
 COLUMNS = ["engine", "concurrency", "server", "completed", "output_tok_s", "tpot_ms", "ttft_ms", "speedup",
-           "acceptance_length", "acceptance_per_position"]
+           "speedup_per_round", "acceptance_length", "acceptance_per_position"]
 
 
 def _find(obj, key):
@@ -36,26 +39,52 @@ def _find(obj, key):
     return None
 
 
+def _throughput(results: list[dict]) -> float:
+    return sum(r["total_output_tokens"] for r in results) / sum(r["duration"] for r in results)
+
+
+def _row(engine: str, concurrency: int, server: str, rounds: dict[int, dict]) -> dict:
+    """One server at one concurrency, its rounds added up."""
+    results = [rounds[i] for i in sorted(rounds)]
+    done = sum(r["completed"] for r in results)
+
+    def mean(key):  # per-request means, weighted by each round's requests
+        return sum(r[key] * r["completed"] for r in results) / done if done else None
+
+    row = {"engine": engine, "concurrency": concurrency, "server": server,
+           "completed": f"{done}/{sum(r['num_prompts'] for r in results)}", "output_tok_s": _throughput(results),
+           "tpot_ms": mean("mean_tpot_ms"), "ttft_ms": mean("mean_ttft_ms"),
+           "acceptance_length": None, "acceptance_per_position": None}
+    drafts = sum(r.get("spec_decode_num_drafts") or 0 for r in results)
+    if drafts:  # vLLM: per-position rates are accepted tokens at that position per draft
+        row["acceptance_length"] = 1 + sum(r["spec_decode_accepted_tokens"] for r in results) / drafts
+        rates = [r["spec_decode_per_position_acceptance_rates"] for r in results]
+        row["acceptance_per_position"] = [sum(rate[i] * r["spec_decode_num_drafts"] for rate, r in zip(rates, results)) / drafts
+                                          for i in range(len(rates[0]))]
+    else:
+        row["acceptance_length"] = results[-1].get("sglang_accept_length")
+    return row
+
+
 def read_results(folder: Path) -> list[dict]:
-    rows = []
+    runs: dict[tuple, dict[int, dict]] = {}
     for path in sorted(folder.glob("*.json")):
         m = NAME.match(path.name)
         if not m:
             continue
         r = json.loads(path.read_text())
-        row = {"engine": m["engine"], "concurrency": int(m["c"]), "server": m["server"],
-               "completed": f"{r.get('completed')}/{r.get('num_prompts')}",
-               "output_tok_s": r.get("output_throughput"), "tpot_ms": r.get("mean_tpot_ms"),
-               "ttft_ms": r.get("mean_ttft_ms"), "acceptance_length": r.get("spec_decode_acceptance_length"),
-               "acceptance_per_position": r.get("spec_decode_per_position_acceptance_rates")}
         info = path.with_name(path.stem + ".server_info.json")
-        if row["acceptance_length"] is None and info.exists():
-            row["acceptance_length"] = _find(json.loads(info.read_text()), "avg_spec_accept_length")
+        if info.exists():
+            r["sglang_accept_length"] = _find(json.loads(info.read_text()), "avg_spec_accept_length")
+        runs.setdefault((m["engine"], int(m["c"]), m["server"]), {})[int(m["round"] or 0)] = r
+    rows = []
+    for (engine, c, server), rounds in runs.items():
+        row, base = _row(engine, c, server, rounds), runs.get((engine, c, "baseline"))
+        row["speedup"] = row["output_tok_s"] / _throughput(list(base.values())) if base else None
+        paired = sorted(rounds.keys() & base.keys()) if base and server != "baseline" else []
+        row["speedup_per_round"] = ([_throughput([rounds[i]]) / _throughput([base[i]]) for i in paired]
+                                    if len(paired) > 1 else None)
         rows.append(row)
-    base = {(r["engine"], r["concurrency"]): r["output_tok_s"] for r in rows if r["server"] == "baseline"}
-    for r in rows:
-        b = base.get((r["engine"], r["concurrency"]))
-        r["speedup"] = r["output_tok_s"] / b if b and r["output_tok_s"] is not None else None
     return sorted(rows, key=lambda r: (r["engine"], r["concurrency"], r["server"] != "baseline"))
 
 
@@ -86,7 +115,7 @@ def plot(rows: list[dict], out: Path) -> None:
     for i, g in enumerate(groups):
         for j, server in enumerate(("baseline", "eagle3")):
             r = next((r for r in rows if (r["engine"], r["concurrency"]) == g and r["server"] == server), None)
-            if r is None or r["output_tok_s"] is None:
+            if r is None:
                 continue
             ax.bar(i + (j - 0.5) * 0.38, r["output_tok_s"], 0.38, color="tab:gray" if j == 0 else "tab:blue",
                    label=server if i == 0 else None)

@@ -109,10 +109,55 @@ def test_benchmark_dry_run_is_greedy_for_every_level_and_server():
     assert all(flag(c, "--temperature") == "0" and flag(c, "--backend") == "openai" for c in runs)
 
 
+def test_benchmark_rounds_split_the_prompts_and_flip_the_order(tmp_path):
+    src = tmp_path / "test.jsonl"
+    src.write_text("".join(json.dumps({"question_id": i, "turns": [f"q{i}"]}) + "\n" for i in range(7)))
+    cmds = dry("vllm/benchmark.sh", "--rounds", "3", "--num-prompts", "5", "--target", "/t", "--dataset", str(src),
+               "--result-dir", str(tmp_path))
+    assert flag(cmds[0], "--rounds") == "3"
+    subprocess.run(cmds[0], cwd=ROOT, check=True, capture_output=True)  # benchmark.prompts, as dry-run printed it
+    runs = [(flag(c, "--base-url")[-4:], flag(c, "--dataset-path"), flag(c, "--num-prompts"), flag(c, "--result-filename"))
+            for c in cmds if "bench" in c]
+    assert runs == [("8000", str(tmp_path / "prompts-r1.jsonl"), "2", "vllm-baseline-c1-r1.json"),
+                    ("8001", str(tmp_path / "prompts-r1.jsonl"), "2", "vllm-eagle3-c1-r1.json"),
+                    ("8001", str(tmp_path / "prompts-r2.jsonl"), "2", "vllm-eagle3-c1-r2.json"),
+                    ("8000", str(tmp_path / "prompts-r2.jsonl"), "2", "vllm-baseline-c1-r2.json"),
+                    ("8000", str(tmp_path / "prompts-r3.jsonl"), "1", "vllm-baseline-c1-r3.json"),
+                    ("8001", str(tmp_path / "prompts-r3.jsonl"), "1", "vllm-eagle3-c1-r3.json")]
+    rounds = [[json.loads(line)["prompt"] for line in (tmp_path / f"prompts-r{i}.jsonl").read_text().splitlines()]
+              for i in (1, 2, 3)]
+    assert rounds == [["q0", "q3"], ["q1", "q4"], ["q2"]]  # the 5 prompts, each once
+    r = sh("vllm/benchmark.sh", "--rounds", "6", "--num-prompts", "5", "--dry-run", "--target", "/t", check=False)
+    assert r.returncode == 2 and "--rounds must be a whole number from 1 to --num-prompts (5), not '6'" in r.stderr
+
+
+def result(tokens, seconds, completed=4, **extra):
+    return {"completed": completed, "num_prompts": 4, "duration": seconds, "total_output_tokens": tokens,
+            "output_throughput": tokens / seconds, "mean_tpot_ms": 10.0, "mean_ttft_ms": 5.0} | extra
+
+
 def test_compare_reads_sglang_acceptance_and_computes_speedup(tmp_path):
-    base = {"completed": 4, "num_prompts": 4, "output_throughput": 100.0, "mean_tpot_ms": 10.0, "mean_ttft_ms": 5.0}
-    (tmp_path / "sglang-baseline-c1.json").write_text(json.dumps(base))
-    (tmp_path / "sglang-eagle3-c1.json").write_text(json.dumps(base | {"output_throughput": 180.0}))
+    (tmp_path / "sglang-baseline-c1.json").write_text(json.dumps(result(200, 2.0)))
+    (tmp_path / "sglang-eagle3-c1.json").write_text(json.dumps(result(180, 1.0)))
     (tmp_path / "sglang-eagle3-c1.server_info.json").write_text(json.dumps({"internal_states": [{"avg_spec_accept_length": 2.7}]}))
     rows = read_results(tmp_path)
-    assert [(r["server"], r["speedup"], r["acceptance_length"]) for r in rows] == [("baseline", 1.0, None), ("eagle3", 1.8, 2.7)]
+    assert [(r["server"], r["speedup"], r["speedup_per_round"], r["acceptance_length"]) for r in rows] == [
+        ("baseline", 1.0, None, None), ("eagle3", 1.8, None, 2.7)]
+
+
+def test_compare_adds_up_rounds(tmp_path):
+    """Tokens over time across rounds, acceptance from vLLM's counts, each round's speed-up."""
+    def spec(drafts, rates):
+        return {"spec_decode_num_drafts": drafts, "spec_decode_accepted_tokens": round(sum(rates) * drafts),
+                "spec_decode_per_position_acceptance_rates": rates}
+    files = {"vllm-baseline-c1-r1": result(100, 10.0), "vllm-baseline-c1-r2": result(100, 5.0, completed=3, mean_tpot_ms=20.0),
+             "vllm-eagle3-c1-r1": result(100, 5.0, **spec(40, [0.5, 0.25])),
+             "vllm-eagle3-c1-r2": result(100, 5.0, **spec(60, [0.25, 0.0]))}
+    for stem, r in files.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps(r))
+    base, eagle = read_results(tmp_path)
+    assert base["completed"] == "7/8" and base["output_tok_s"] == pytest.approx(200 / 15)
+    assert base["tpot_ms"] == pytest.approx((4 * 10 + 3 * 20) / 7)
+    assert eagle["speedup"] == pytest.approx(20 / (200 / 15)) and eagle["speedup_per_round"] == pytest.approx([2.0, 1.0])
+    assert eagle["acceptance_length"] == pytest.approx(1 + (30 + 15) / 100)
+    assert eagle["acceptance_per_position"] == pytest.approx([(20 + 15) / 100, 10 / 100])

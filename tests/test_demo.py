@@ -55,6 +55,8 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
         assert rows["baseline"]["completed"] == rows["eagle3"]["completed"] == "2/2"  # completed == requested
         assert rows["eagle3"]["acceptance_length"] >= 1.0 and len(rows["eagle3"]["acceptance_per_position"]) == 3
         assert rows["eagle3"]["speedup"] > 0 and rows["baseline"]["acceptance_length"] is None
+        assert len(rows["eagle3"]["speedup_per_round"]) == p["served_rounds"] == 2  # interleaved rounds
+        assert "x (rounds: " in summary.split(f"| {name} (")[1].splitlines()[0]
     assert not list((out / "serve").glob("*.pid"))  # both servers stopped
 
 

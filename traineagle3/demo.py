@@ -145,6 +145,7 @@ class Demo:
             folder = self.out / "served" / name
             self.run("bash", ROOT / "benchmark" / "vllm" / "benchmark.sh", "--dataset", path,
                      "--num-prompts", self.p["eval_prompts"], "--output-len", self.p["eval_tokens"],
+                     "--rounds", self.p["served_rounds"],
                      "--served-name", SERVED_NAME, "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}",
                      "--eagle-url", f"http://127.0.0.1:{self.ports['eagle3']}", "--result-dir", folder)
             results[name] = {r["server"]: r for r in json.loads((folder / "compare.json").read_text())}
@@ -213,7 +214,9 @@ def summary_table(offline: dict, served: dict, k: int) -> str:
         if eagle:
             per_pos = " ".join(f"{x:.2f}" for x in eagle.get("acceptance_per_position") or []) or "-"
             tau = eagle.get("acceptance_length")
-            cells = f"{'-' if tau is None else f'{tau:.2f}'} | {per_pos} | {eagle.get('speedup') or 0:.2f}x"
+            rounds = eagle.get("speedup_per_round")
+            spread = f" (rounds: {' '.join(f'{x:.2f}x' for x in rounds)})" if rounds else ""
+            cells = f"{'-' if tau is None else f'{tau:.2f}'} | {per_pos} | {eagle.get('speedup') or 0:.2f}x{spread}"
         else:
             cells = "not served | - | -"
         lines.append(f"| {name} ({off['prompts']}) | {off['tau']:.2f} | {' '.join(f'{x:.2f}' for x in off['acceptance_per_position'])} | "
