@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     print(f"{len(prompts)} prompts from {a.src} -> {a.out}")
     if a.rounds > 1:
         if len(lines) < a.rounds:
-            raise SystemExit(f"{a.src}: {len(lines)} prompts for {a.rounds} rounds")
+            raise SystemExit(f"{a.src}: {len(lines)} usable prompts, fewer than --rounds {a.rounds}")
         for i in range(a.rounds):
             a.out.with_name(f"{a.out.stem}-r{i + 1}.jsonl").write_text("".join(lines[i::a.rounds]))
 

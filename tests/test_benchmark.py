@@ -127,6 +127,9 @@ def test_benchmark_rounds_split_the_prompts_and_flip_the_order(tmp_path):
     rounds = [[json.loads(line)["prompt"] for line in (tmp_path / f"prompts-r{i}.jsonl").read_text().splitlines()]
               for i in (1, 2, 3)]
     assert rounds == [["q0", "q3"], ["q1", "q4"], ["q2"]]  # the 5 prompts, each once
+    few = subprocess.run([sys.executable, "-m", "benchmark.prompts", str(src), str(tmp_path / "p.jsonl"), "--limit", "2",
+                          "--rounds", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert few.returncode == 1 and f"{src}: 2 usable prompts, fewer than --rounds 3" in few.stderr
     r = sh("vllm/benchmark.sh", "--rounds", "6", "--num-prompts", "5", "--dry-run", "--target", "/t", check=False)
     assert r.returncode == 2 and "--rounds must be a whole number from 1 to --num-prompts (5), not '6'" in r.stderr
 
