@@ -75,6 +75,12 @@ def test_run_writes_serving_folder_and_metrics(baseline):
         assert 0 < x["in_draft_vocab"] <= 1 and x["acceptance"] == sorted(x["acceptance"], reverse=True)
         assert x["acceptance"][0] == pytest.approx(x["acc"][0] * x["in_draft_vocab"], abs=2e-5)
     assert train[-1]["loss"][0] < train[0]["loss"][0]
+    for x in lines:  # the test split also replays decoding: tau and the rates a round reaches each position
+        test = x["split"] == "test"
+        assert ("tau" in x) == test and ("round_acceptance" in x) == test
+        if test:
+            assert x["rounds"] > 0 and x["tau"] == pytest.approx(1 + sum(x["round_acceptance"]), abs=5e-5)
+            assert x["round_acceptance"] == sorted(x["round_acceptance"], reverse=True)
 
 
 def test_one_cpu_rank_skips_the_shared_memory_op(baseline):

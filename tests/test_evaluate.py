@@ -77,3 +77,35 @@ def test_cli_prints_table_and_writes_json(tiny_target, tmp_path):
     result = json.loads(out.read_text())
     assert result["total"]["prompts"] == 2 and len(result["total"]["acceptance_per_position"]) == 2
     assert result["total"]["identical"] is True
+
+
+def test_replaying_ttt_on_a_greedy_answer_gives_the_rounds_speculative_decoding_takes(tiny_target):
+    """The held-out tau: TTT run on the target's own greedy answer, replayed as rounds
+    (ttt.replay_rounds), must accept what chain drafting really accepts, round by round.
+    A draft half-trained on that answer makes the rounds varied (some 0, some k)."""
+    from traineagle3.features import TargetFeatures
+    from traineagle3.ttt import decode_rounds, replay_rounds
+
+    target, draft = setup(tiny_target, torch.arange(0, 49152))
+    vm = VocabMap(torch.arange(0, 49152), target.config.vocab_size)
+    k, n_new = 3, 40
+    prompt = torch.randint(3, 40000, (1, 7), generator=torch.Generator().manual_seed(1))
+    answer = greedy(target, prompt, n_new, eos=set()).tokens
+    ids = torch.cat([prompt, torch.tensor([answer])], 1)
+    mask = torch.cat([torch.zeros_like(prompt), torch.ones(1, n_new, dtype=torch.long)], 1)
+    f = TargetFeatures(target, [1, 2, 3], vm)(ids)
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(40):
+        r = draft(f.aux_hidden, ids, torch.ones_like(ids), f.teacher, f.teacher_ok, steps=k)
+        opt.zero_grad(); r.loss.backward(); opt.step()
+    draft.eval()
+    with torch.no_grad():
+        run = draft(f.aux_hidden, ids, mask, f.teacher, f.teacher_ok, steps=k).run
+    replayed = replay_rounds(run[0].tolist(), mask[0].bool().tolist(), k)
+    spec = speculative(target, AuxHooks(target, [1, 2, 3]), draft, prompt, n_new, k, eos=set())
+    assert spec.tokens == answer
+    assert len(replayed) == len(spec.accepted) and min(replayed) == 0 and max(replayed) == k
+    # the last round may accept guesses past the answer's end, which the replay cannot see
+    assert replayed[:-1] == spec.accepted[:-1] and replayed[-1] <= spec.accepted[-1]
+    hist = decode_rounds(run, mask, k)
+    assert hist.tolist() == [replayed.count(a) for a in range(k + 1)]

@@ -155,3 +155,15 @@ def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
         assert int(r.accepted[k]) == sum(all(right(b, t, j) for j in range(k + 1)) for b, t in scored)
     assert int(r.count[0]) == sum(bool(teacher_ok[b, t + 1]) for b, t in scored) < int(r.scored) == len(scored)
     assert 0 < int(r.accepted[-1]) < int(r.accepted[0]) < int(r.correct[0]) + 1
+
+
+def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
+    """Two answers [3, 9) and [11, 14): rounds from 2, 2+run+1, ... while the round drafts
+    an answer token; positions outside the answers are never a round's start."""
+    from traineagle3.ttt import replay_rounds
+
+    run = [3, 3, 1, 3, 0, 2, 0, 0, 3, 3, 1, 3, 3, 0]
+    answer = [i in range(3, 9) or i in range(11, 14) for i in range(16)]
+    # answer 1: t=2 (run 1) -> t=4 (0) -> t=5 (2) -> t=8: 8+2 >= 9, stop.  answer 2: t=10 (1) -> t=12: stop
+    assert replay_rounds(run, answer, 3) == [1, 0, 2, 1]
+    assert replay_rounds(run, answer, 1) == [1, 0, 1, 1]  # capped at k: t=2, 4, 5; t=10

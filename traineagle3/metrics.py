@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .ttt import decode_rounds
+
 
 class StepStats:
     """Token-weighted sums of per-step loss/accuracy, reduced across ranks on read."""
@@ -18,10 +20,12 @@ class StepStats:
         self.count = torch.zeros(steps, dtype=torch.float64)
         self.accepted = torch.zeros(steps, dtype=torch.float64)
         self.scored = torch.zeros(1, dtype=torch.float64)
+        self.rounds = torch.zeros(steps + 1, dtype=torch.float64)  # decoding rounds by tokens accepted
         self.tokens = 0
         self.started = time.perf_counter()
 
-    def add(self, result, tokens: int) -> None:
+    def add(self, result, tokens: int, answers: torch.Tensor | None = None) -> None:
+        """Sum one batch in; with `answers` (its answer-token mask) also replay decoding them."""
         count = torch.stack(result.count).double().cpu()
         self.loss += torch.stack(result.step_loss).double().cpu() * count  # token-weighted
         self.correct += torch.stack(result.correct).double().cpu()
@@ -29,11 +33,13 @@ class StepStats:
         self.accepted += torch.stack(result.accepted).double().cpu()
         self.scored += result.scored.double().cpu()
         self.tokens += tokens
+        if answers is not None:
+            self.rounds += decode_rounds(result.run, answers, len(self.loss))
 
     def summary(self, device="cpu") -> dict:
         import torch.distributed as dist
 
-        t = torch.cat([self.loss, self.correct, self.count, self.accepted, self.scored,
+        t = torch.cat([self.loss, self.correct, self.count, self.accepted, self.scored, self.rounds,
                        torch.tensor([self.tokens], dtype=torch.float64)])
         if dist.is_initialized():
             t = t.to(device)
@@ -41,16 +47,22 @@ class StepStats:
             t = t.cpu()
         n = len(self.loss)
         loss, correct, count, accepted = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:4 * n]
-        scored, tokens = t[4 * n].clamp(min=1), t[4 * n + 1].item()
+        scored, rounds, tokens = t[4 * n].clamp(min=1), t[4 * n + 1:5 * n + 2], t[5 * n + 2].item()
         elapsed = time.perf_counter() - self.started
+        decoded = {}
+        if rounds.sum() > 0:  # answers replayed as greedy decoding: the served tau and rates at k = steps
+            r = rounds / rounds.sum()
+            decoded = {"rounds": int(rounds.sum().item()), "tau": round((r * torch.arange(1, n + 2)).sum().item(), 5),
+                       "round_acceptance": [round(r[i + 1:].sum().item(), 5) for i in range(n)]}
         return {
             "loss": [round(x, 5) for x in (loss / count.clamp(min=1)).tolist()],
             "acc": [round(x, 5) for x in (correct / count.clamp(min=1)).tolist()],
-            # chained, as an engine accepts: 1 + sum(acceptance) estimates tau with k = steps
+            # chained, averaged over every position (decoding visits fewer of the easy ones: see ttt.py)
             "acceptance": [round(x, 5) for x in (accepted / scored).tolist()],
             "in_draft_vocab": round((count[0] / scored).item(), 5),  # of the target's step-0 tokens
             "tokens": int(tokens),
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            **decoded,
         }
 
 

@@ -203,7 +203,7 @@ def main(argv=None) -> None:
         aux_hidden = add_feature_noise(f.aux_hidden, cfg.feature_noise) if cfg.feature_noise and split == "train" else f.aux_hidden
         result = engine(aux_hidden.to(dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
                         cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
-        return result, int(batch["attention_mask"].sum())
+        return result, int(batch["attention_mask"].sum()), loss_mask
 
     def evaluate(epoch):
         per_rank = len(test_idx) // world
@@ -211,8 +211,15 @@ def main(argv=None) -> None:
         stats = StepStats(cfg.ttt_steps)
         with torch.no_grad():
             for i in range(0, per_rank, micro):
-                stats.add(*run(mine[i:i + micro], "test"))
-        metrics.write(step=state["global_step"], epoch=epoch, split="test", **stats.summary(device))
+                result, tokens, answers = run(mine[i:i + micro], "test")
+                stats.add(result, tokens, answers=answers)
+        summary = stats.summary(device)
+        metrics.write(step=state["global_step"], epoch=epoch, split="test", **summary)
+        if "tau" in summary:
+            log.info("test after epoch %.2f: tau %.3f (acceptance per position %s), greedy decoding of the answers "
+                     "of %d samples replayed (%d rounds, k=%d); %.0f%% of their tokens in the draft vocabulary", epoch,
+                     summary["tau"], " ".join(f"{a:.3f}" for a in summary["round_acceptance"]), per_rank * world,
+                     summary["rounds"], cfg.ttt_steps, 100 * summary["in_draft_vocab"])
 
     def save(**position):
         state.update(position)
@@ -229,7 +236,7 @@ def main(argv=None) -> None:
         engine.train()
         position = {"epoch": epoch + 1, "batches_done": 0}
         for b in range(start, len(batches)):
-            result, tokens = run(batches[b], "train")
+            result, tokens, _ = run(batches[b], "train")
             engine.backward(result.loss)
             engine.step()
             stats.add(result, tokens)
