@@ -3,7 +3,8 @@
     python log_plot.py outputs/run-a/metrics.jsonl outputs/run-b/metrics.jsonl -o log_plot.png
 
 Reads the metrics.jsonl that traineagle3/llama/main.py writes.  Colour = TTT position,
-line style = run.  A resumed run may have logged a step twice; the last line wins.
+line style = run.  Test records that carry the replayed decoding (`tau`, `round_acceptance`)
+get a third row: the held-out tau that serving should reproduce.  A resumed run may have logged a step twice; the last line wins.
 """
 
 from __future__ import annotations
@@ -37,34 +38,55 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
     return out
 
 
-def plot(paths: list[Path], out: Path, x: str = "step") -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
+def figure(paths: list[Path], x: str = "step") -> plt.Figure:
+    """Loss and accuracy per TTT position (train | test); a third row with the test split's
+    replayed tau and per-position acceptance when the runs logged them (the served numbers)."""
+    runs = {path: read_metrics(path) for path in paths}
+    replayed = any("tau" in rec for m in runs.values() for rec in m.get("test", []))
+    fig, axes = plt.subplots(3 if replayed else 2, 2, figsize=(13, 12 if replayed else 8), sharex=True)
     cmap = plt.get_cmap("viridis")
-    for r, path in enumerate(paths):
-        runs = read_metrics(path)
+    for r, (path, m) in enumerate(runs.items()):
         label = path.parent.name or str(path)
+        style = STYLES[r % len(STYLES)]
         for col, split in enumerate(["train", "test"]):
-            recs = runs.get(split, [])
+            recs = m.get(split, [])
             if not recs:
                 continue
             positions = len(recs[0]["loss"])
             xs = [rec[x] for rec in recs]
             for k in range(positions):
-                color = cmap(k / max(positions - 1, 1))
-                style = STYLES[r % len(STYLES)]
-                kw = dict(color=color, marker="o", markersize=3, label=f"{label} pos {k}")  # one test point per epoch shows too
+                kw = dict(color=cmap(k / max(positions - 1, 1)), marker="o", markersize=3,
+                          label=f"{label} pos {k}")  # one test point per epoch shows too
                 axes[0, col].plot(xs, [rec["loss"][k] for rec in recs], style, **kw)
                 axes[1, col].plot(xs, [rec["acc"][k] for rec in recs], style, **kw)
+        decoded = [rec for rec in m.get("test", []) if "tau" in rec]
+        if decoded:
+            xs = [rec[x] for rec in decoded]
+            axes[2, 0].plot(xs, [rec["tau"] for rec in decoded], style, color="black", marker="o", label=label)
+            positions = len(decoded[0]["round_acceptance"])
+            for k in range(positions):
+                axes[2, 1].plot(xs, [rec["round_acceptance"][k] for rec in decoded], style, marker="o",
+                                color=cmap(k / max(positions - 1, 1)), label=f"{label} pos {k}")
     for col, split in enumerate(["train", "test"]):
         axes[0, col].set_title(f"{split} loss")
         axes[1, col].set_title(f"{split} accuracy (draft top-1 == target top-1)")
-        axes[1, col].set_xlabel(x)
-        for row in range(2):
-            axes[row, col].grid(alpha=0.3)
+    if replayed:
+        axes[2, 0].set_title("test tau (greedy decoding of the answers replayed, as served)")
+        axes[2, 1].set_title("test acceptance per position in those rounds")
+        axes[2, 0].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel(x)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=7)
     fig.tight_layout(rect=(0, 0, 0.85, 1))
+    return fig
+
+
+def plot(paths: list[Path], out: Path, x: str = "step") -> None:
+    fig = figure(paths, x)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 

@@ -17,3 +17,24 @@ def test_last_record_of_a_step_wins_and_bad_lines_are_named(tmp_path):
     path.write_text(path.read_text() + "not json\n")
     with pytest.raises(SystemExit, match="line 5"):
         read_metrics(path)
+
+
+def test_the_replayed_tau_of_the_test_split_gets_its_own_row(tmp_path):
+    from log_plot import figure
+
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    train = [{"step": s, "epoch": 1, "split": "train", "loss": [3.0, 3.5], "acc": [0.2, 0.1]} for s in (10, 20)]
+    test = [{"step": s, "epoch": e, "split": "test", "loss": [2.9, 3.4], "acc": [0.3, 0.2],
+             "tau": t, "round_acceptance": [t - 1.1, 0.1]} for s, e, t in ((20, 1, 1.4), (40, 2, 1.55))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
+    fig = figure([path], x="epoch")
+    tau_ax, rates_ax = fig.axes[4], fig.axes[5]
+    assert "tau" in tau_ax.get_title()
+    assert list(tau_ax.lines[0].get_xdata()) == [1, 2] and list(tau_ax.lines[0].get_ydata()) == [1.4, 1.55]
+    assert [list(line.get_ydata()) for line in rates_ax.lines] == [[pytest.approx(0.3), pytest.approx(0.45)], [0.1, 0.1]]
+
+    for rec in test:  # an older run without the replay keeps the two rows
+        del rec["tau"], rec["round_acceptance"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
+    assert len(figure([path]).axes) == 4
