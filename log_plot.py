@@ -4,7 +4,8 @@
 
 Reads the metrics.jsonl that traineagle3/llama/main.py writes.  Colour = TTT position,
 line style = run.  Test records that carry the replayed decoding (`tau`, `round_acceptance`)
-get a third row: the held-out tau that serving should reproduce.  A resumed run may have logged a step twice; the last line wins.
+get a third row: the held-out tau that serving should reproduce.  A resumed run may have
+logged a step twice; the last line wins.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 STYLES = ["-", "--", ":", "-."]
+CMAP = plt.get_cmap("viridis")
+
+
+def colour(k: int, positions: int):
+    """TTT position k of `positions`, the same colour in every panel."""
+    return CMAP(k / max(positions - 1, 1))
 
 
 def read_metrics(path: Path) -> dict[str, list[dict]]:
@@ -44,7 +51,6 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
     runs = {path: read_metrics(path) for path in paths}
     replayed = any("tau" in rec for m in runs.values() for rec in m.get("test", []))
     fig, axes = plt.subplots(3 if replayed else 2, 2, figsize=(13, 12 if replayed else 8), sharex=True)
-    cmap = plt.get_cmap("viridis")
     for r, (path, m) in enumerate(runs.items()):
         label = path.parent.name or str(path)
         style = STYLES[r % len(STYLES)]
@@ -55,7 +61,7 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
             positions = len(recs[0]["loss"])
             xs = [rec[x] for rec in recs]
             for k in range(positions):
-                kw = dict(color=cmap(k / max(positions - 1, 1)), marker="o", markersize=3,
+                kw = dict(color=colour(k, positions), marker="o", markersize=3,
                           label=f"{label} pos {k}")  # one test point per epoch shows too
                 axes[0, col].plot(xs, [rec["loss"][k] for rec in recs], style, **kw)
                 axes[1, col].plot(xs, [rec["acc"][k] for rec in recs], style, **kw)
@@ -66,7 +72,7 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
             positions = len(decoded[0]["round_acceptance"])
             for k in range(positions):
                 axes[2, 1].plot(xs, [rec["round_acceptance"][k] for rec in decoded], style, marker="o",
-                                color=cmap(k / max(positions - 1, 1)), label=f"{label} pos {k}")
+                                color=colour(k, positions), label=f"{label} pos {k}")
     for col, split in enumerate(["train", "test"]):
         axes[0, col].set_title(f"{split} loss")
         axes[1, col].set_title(f"{split} accuracy (draft top-1 == target top-1)")
