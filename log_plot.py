@@ -49,10 +49,13 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
     """Loss and accuracy per TTT position (train | test); a third row with the test split's
     replayed tau and per-position acceptance when the runs logged them (the served numbers)."""
     runs = {path: read_metrics(path) for path in paths}
+    names = [path.parent.name for path in paths]
     replayed = any("tau" in rec for m in runs.values() for rec in m.get("test", []))
     fig, axes = plt.subplots(3 if replayed else 2, 2, figsize=(13, 12 if replayed else 8), sharex=True)
     for r, (path, m) in enumerate(runs.items()):
-        label = path.parent.name or str(path)
+        # the demo's runs all sit in <out>/train/: name those by their output folder too
+        label = (path.parent.name if names.count(path.parent.name) == 1 else
+                 "/".join(path.parent.parts[-2:])) or str(path)
         style = STYLES[r % len(STYLES)]
         for col, split in enumerate(["train", "test"]):
             recs = m.get(split, [])

@@ -38,3 +38,9 @@ def test_the_replayed_tau_of_the_test_split_gets_its_own_row(tmp_path):
         del rec["tau"], rec["round_acceptance"]
     path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
     assert len(figure([path]).axes) == 4
+
+    other = tmp_path / "other" / "run" / "metrics.jsonl"  # two runs in folders of one name stay apart
+    other.parent.mkdir(parents=True)
+    other.write_text(path.read_text())
+    labels = figure([path, other]).axes[0].get_legend_handles_labels()[1]
+    assert labels[0] == f"{tmp_path.name}/run pos 0" and labels[2] == "other/run pos 0"
