@@ -167,3 +167,14 @@ def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
     # answer 1: t=2 (run 1) -> t=4 (0) -> t=5 (2) -> t=8: 8+2 >= 9, stop.  answer 2: t=10 (1) -> t=12: stop
     assert replay_rounds(run, answer, 3) == [1, 0, 2, 1]
     assert replay_rounds(run, answer, 1) == [1, 0, 1, 1]  # capped at k: t=2, 4, 5; t=10
+
+
+def test_round_stats_and_the_offline_evaluator_count_rounds_alike():
+    """Rounds accepting 0, 0, 1, 3 drafts (k = 3): tau 2 = 8 tokens / 4 rounds; P(> i accepted)."""
+    from traineagle3.evaluate import summarize
+    from traineagle3.ttt import round_stats
+
+    rounds, tau, rates = round_stats(torch.tensor([2.0, 1.0, 0.0, 1.0]))
+    assert (rounds, tau) == (4, 2.0) and rates == [0.5, 0.25, 0.25]
+    assert summarize([0, 3, 1, 0], 3) == {"rounds": 4, "tau": 2.0, "acceptance_per_position": [0.5, 0.25, 0.25]}
+    assert summarize([], 2) == {"rounds": 0, "tau": 0.0, "acceptance_per_position": [0.0, 0.0]}

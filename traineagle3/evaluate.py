@@ -23,6 +23,7 @@ import torch
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
+from .ttt import round_stats
 from .records import BadRecord, iter_raw, normalise
 
 
@@ -135,9 +136,9 @@ def read_prompts(path: str, limit: int | None = None, max_turns: int | None = No
 
 
 def summarize(accepted: list[int], k: int) -> dict:
-    rounds = max(len(accepted), 1)
-    return {"rounds": len(accepted), "tau": round(sum(a + 1 for a in accepted) / rounds, 4),
-            "acceptance_per_position": [round(sum(a > i for a in accepted) / rounds, 4) for i in range(k)]}
+    """Drafts accepted in each round -> rounds, tau and acceptance per draft position."""
+    rounds, tau, rates = round_stats(torch.bincount(torch.tensor(accepted, dtype=torch.long), minlength=k + 1))
+    return {"rounds": rounds, "tau": round(tau, 4), "acceptance_per_position": [round(x, 4) for x in rates]}
 
 
 def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device, progress: str | None = None) -> dict:

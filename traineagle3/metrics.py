@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .ttt import decode_rounds
+from .ttt import decode_rounds, round_stats
 
 
 class StepStats:
@@ -51,9 +51,8 @@ class StepStats:
         elapsed = time.perf_counter() - self.started
         decoded = {}
         if rounds.sum() > 0:  # answers replayed as greedy decoding: the served tau and rates at k = steps
-            r = rounds / rounds.sum()
-            decoded = {"rounds": int(rounds.sum().item()), "tau": round((r * torch.arange(1, n + 2)).sum().item(), 5),
-                       "round_acceptance": [round(r[i + 1:].sum().item(), 5) for i in range(n)]}
+            replayed, tau, rates = round_stats(rounds)
+            decoded = {"rounds": replayed, "tau": round(tau, 5), "round_acceptance": [round(x, 5) for x in rates]}
         return {
             "loss": [round(x, 5) for x in (loss / count.clamp(min=1)).tolist()],
             "acc": [round(x, 5) for x in (correct / count.clamp(min=1)).tolist()],

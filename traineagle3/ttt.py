@@ -131,6 +131,15 @@ def decode_rounds(run: torch.Tensor, answers: torch.Tensor, k: int) -> torch.Ten
     return hist
 
 
+def round_stats(hist: torch.Tensor) -> tuple[int, float, list[float]]:
+    """Rounds, tau (mean tokens per round, the bonus one included) and P(more than i drafts
+    accepted) for each draft position i, from a histogram [k+1] of drafts accepted per round."""
+    rounds = int(hist.sum().item())
+    r = hist.double() / max(rounds, 1)
+    tau = (r * torch.arange(1, len(hist) + 1)).sum().item()
+    return rounds, tau, [r[i + 1:].sum().item() for i in range(len(hist) - 1)]
+
+
 def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
                decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
     """Run `steps` TTT steps of `draft` and return the losses and accuracies.
