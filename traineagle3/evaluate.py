@@ -23,8 +23,8 @@ import torch
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
-from .ttt import round_stats
 from .records import BadRecord, iter_raw, normalise
+from .ttt import round_stats
 
 
 @dataclass
