@@ -45,9 +45,28 @@ def test_a_draft_that_always_agrees_reaches_tau_k_plus_1(tiny_target, smol_token
     target.lm_head.weight.data.zero_()
     draft.lm_head.weight.data.zero_()
     k = 3
-    result = evaluate(target, smol_tokenizer, draft, PROMPTS, k, max_new=17, device="cpu")
+    prompts = PROMPTS + [{"id": "c", "turns": ["請用三句話介紹台北。"]}]
+    result = evaluate(target, smol_tokenizer, draft, prompts, k, max_new=17, device="cpu")
     assert result["total"]["tau"] == k + 1 and result["total"]["acceptance_per_position"] == [1.0] * k
-    assert result["total"]["identical"] and [r["turns"] for r in result["prompts"]] == [2, 1]
+    assert result["total"]["identical"] and [r["turns"] for r in result["prompts"]] == [2, 1, 1]
+    by_script = result["total"]["by_script"]
+    assert {name: s["prompts"] for name, s in by_script.items()} == {"cjk": 1, "latin": 2}
+    assert by_script["cjk"]["rounds"] == 4 and by_script["cjk"]["tau"] == k + 1  # 17 tokens: 1, then 4 rounds of 4
+
+
+def test_forced_decoding_counts_acceptance_along_another_decoders_output(tiny_target):
+    """A server's output replayed: the verified tokens are the forced ones, whatever the target says."""
+    target, draft = setup(tiny_target, torch.arange(0, 1000))
+    hooks = AuxHooks(target, [1, 2, 3])
+    prompt = torch.randint(3, 40000, (1, 6), generator=torch.Generator().manual_seed(0))
+    base = greedy(target, prompt, 24, eos=set())
+    spec = speculative(target, hooks, draft, prompt, 24, 3, eos=set())
+    again = speculative(target, hooks, draft, prompt, 24, 3, eos=set(), forced=base.tokens)
+    assert again.tokens == base.tokens and again.accepted == spec.accepted
+    draft.lm_head.weight.data.zero_()  # the draft now always proposes token 0
+    forced = [5, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0]
+    out = speculative(target, hooks, draft, prompt, 50, 3, eos=set(), forced=forced)
+    assert out.tokens == forced and out.accepted == [3, 3, 1]  # the last round: 2 tokens left
 
 
 def test_prompt_files_mt_bench_and_sharegpt(tmp_path):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from traineagle3.records import BadRecord, normalise, read_conversations
+from traineagle3.records import BadRecord, normalise, read_conversations, writing_system
 
 
 def sharegpt(*turns):
@@ -73,3 +73,13 @@ def test_sharegpt_package_is_read_despite_its_cut_off_file():
 def test_a_missing_file_is_named_not_looked_up_on_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
         read_conversations(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("text,kind", [
+    ("請問台灣最高的山是哪一座？", "cjk"), ("用 Python 寫一個 quicksort", "cjk"), ("こんにちは、元気ですか", "cjk"),
+    ("What is the capital of France?", "latin"), ("Tell me about 台北 city please", "latin"), ("Café crème brûlée", "latin"),
+    ("def f(x):\n    return x", "code"), ("Fix this:\n```js\nlet a = 1\n```", "code"),
+    ("Привет, как дела?", "other"), ("12345 ?!", "other")])
+def test_writing_system_of_a_prompt(text, kind):
+    assert writing_system(text) == kind
+

@@ -23,7 +23,7 @@ import torch
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
-from .records import BadRecord, iter_raw, normalise
+from .records import BadRecord, iter_raw, normalise, writing_system
 from .ttt import round_stats
 
 
@@ -66,15 +66,22 @@ def greedy(target, prompt: torch.Tensor, max_new: int, eos: set[int]) -> Generat
 
 
 @torch.no_grad()
-def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, k: int, eos: set[int]) -> Generation:
-    """Greedy EAGLE-3 chain drafting; returns the same tokens as `greedy`, in fewer target passes."""
+def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, k: int, eos: set[int],
+                forced: list[int] | None = None) -> Generation:
+    """Greedy EAGLE-3 chain drafting; returns the same tokens as `greedy`, in fewer target passes.
+
+    With `forced` (another decoder's output, e.g. a server's) the verified tokens are those
+    instead of the target's own choices: the draft's acceptance along exactly that text.
+    """
     from transformers import DynamicCache
 
     start, cache, dcache = time.perf_counter(), DynamicCache(), KVCache()
     dev = prompt.device
     d2t = draft.d2t.to(dev)
     hidden = target.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
-    x = int(target.lm_head(hidden[:, -1]).argmax(-1))
+    if forced is not None:
+        max_new = min(max_new, len(forced))
+    x = forced[0] if forced else int(target.lm_head(hidden[:, -1]).argmax(-1))
     out, accepted = [x], []
     n = prompt.shape[1]  # positions 0..n-1 are in the target cache; x sits at position n
     # step-0 draft entries for positions 0..n-1: (target features at j, token j+1)
@@ -90,9 +97,11 @@ def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: i
         verify = torch.tensor([[x] + proposals], device=dev)  # positions n..n+k
         hidden = target.model(input_ids=verify, past_key_values=cache, use_cache=True).last_hidden_state
         aux = hooks.take()
-        best = target.lm_head(hidden[0]).argmax(-1).tolist()
+        best, limit = target.lm_head(hidden[0]).argmax(-1).tolist(), k
+        if forced is not None:  # near its end a round can only accept what is left of it
+            best, limit = forced[len(out):len(out) + k + 1], min(k, len(forced) - len(out) - 1)
         a = 0
-        while a < k and best[a] == proposals[a]:
+        while a < limit and best[a] == proposals[a]:
             a += 1
         accepted.append(a)
         new = proposals[:a] + [best[a]]
@@ -147,11 +156,13 @@ def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int
     hooks = AuxHooks(target, ids)
     eos = _eos_ids(target, tokenizer)
     rows, all_accepted, totals = [], [], [0.0, 0.0, 0, 0]  # spec s, plain s, spec tokens, plain tokens
+    by_script: dict[str, list[int]] = {}
     try:
         for i, p in enumerate(prompts):
             row, accepted, times = _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device)
             rows.append(row)
             all_accepted += accepted
+            by_script.setdefault(row["script"], []).extend(accepted)
             totals = [a + b for a, b in zip(totals, times)]
             if progress:
                 print(f"{progress}: prompt {i + 1}/{len(prompts)}, tau so far {summarize(all_accepted, k)['tau']:.2f}", flush=True)
@@ -160,7 +171,9 @@ def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int
     spec_s, plain_s, spec_tok, plain_tok = totals
     total = {**summarize(all_accepted, k), "identical": all(r["identical"] for r in rows),
              "spec_tokens_per_s": round(spec_tok / spec_s, 2), "plain_tokens_per_s": round(plain_tok / plain_s, 2),
-             "speedup": round((spec_tok / spec_s) / (plain_tok / plain_s), 3), "prompts": len(rows), "k": k}
+             "speedup": round((spec_tok / spec_s) / (plain_tok / plain_s), 3), "prompts": len(rows), "k": k,
+             "by_script": {name: {"prompts": sum(r["script"] == name for r in rows), **summarize(acc, k)}
+                           for name, acc in sorted(by_script.items())}}
     return {"total": total, "prompts": rows}
 
 
@@ -179,7 +192,8 @@ def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device
         spec_s, plain_s = spec_s + spec.seconds, plain_s + base.seconds
         spec_tok, plain_tok = spec_tok + len(spec.tokens), plain_tok + len(base.tokens)
         messages.append({"role": "assistant", "content": tokenizer.decode(base.tokens, skip_special_tokens=True)})
-    row = {"id": p["id"], "turns": len(p["turns"]), **summarize(accepted, k), "identical": identical}
+    row = {"id": p["id"], "turns": len(p["turns"]), "script": writing_system(p["turns"][0]), **summarize(accepted, k),
+           "identical": identical}
     return row, accepted, (spec_s, plain_s, spec_tok, plain_tok)
 
 
@@ -190,7 +204,10 @@ def table(result: dict) -> str:
         "| prompts | k | tau | acceptance per position | spec tok/s | plain tok/s | speed-up | lossless |",
         "|---|---|---|---|---|---|---|---|",
         f"| {t['prompts']} | {t['k']} | {t['tau']:.2f} | {acc} | {t['spec_tokens_per_s']:.1f} | "
-        f"{t['plain_tokens_per_s']:.1f} | {t['speedup']:.2f}x | {'yes' if t['identical'] else 'NO'} |"])
+        f"{t['plain_tokens_per_s']:.1f} | {t['speedup']:.2f}x | {'yes' if t['identical'] else 'NO'} |",
+        "", "| prompts by script | tau | acceptance per position |", "|---|---|---|",
+        *[f"| {name} ({s['prompts']}) | {s['tau']:.2f} | {' '.join(f'{x:.2f}' for x in s['acceptance_per_position'])} |"
+          for name, s in t["by_script"].items()]])
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,3 +218,30 @@ def split_key(identity: str | bytes, seed: int) -> float:
     data = identity.encode() if isinstance(identity, str) else identity
     digest = hashlib.sha256(str(seed).encode() + b"\0" + data).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+CJK = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF), (0x20000, 0x2FFFF))
+CODE = re.compile(r"```|^\s*(def |class |import |from \S+ import|#include|function |public |SELECT |const |let )", re.M)
+WRITING_SYSTEMS = ("cjk", "latin", "code", "other")
+
+
+def writing_system(text: str) -> str:
+    """The kind of text a prompt is, for acceptance broken down by it: drafts trained on
+    English often collapse on Chinese (TAIDE serves Traditional Chinese) and on code.
+
+    'code' when it holds a code fence or a line that opens like code.  Otherwise a CJK
+    character counts as one unit and so does each run of other letters (a word): 'cjk'
+    when at least half the units are CJK (Chinese with English terms in it is Chinese),
+    'latin' when at least 70% of the other letters are Latin, else 'other' (Cyrillic,
+    Arabic, no letters ...).
+    """
+    if CODE.search(text):
+        return "code"
+    cjk = sum(any(a <= ord(c) <= b for a, b in CJK) for c in text)
+    words = [w for w in re.findall(r"[^\W\d_]+", text) if not any(a <= ord(w[0]) <= b for a, b in CJK)]
+    if not cjk and not words:
+        return "other"
+    if cjk >= 0.5 * (cjk + len(words)):
+        return "cjk"
+    letters = "".join(words)
+    return "latin" if sum(ord(c) < 0x250 for c in letters) >= 0.7 * len(letters) else "other"
