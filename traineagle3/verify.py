@@ -1,0 +1,285 @@
+"""Prove, against the real server, that a draft serves as it was trained, before anyone benchmarks it.
+
+    python -m traineagle3.verify --target T --draft D --prompts FILE [--num-prompts N] [--k K]
+        (--launch | --base-url URL --baseline-url URL) [--trained DIR] [--out verify.json]
+
+Most "good offline, poor when served" reports are silent mismatches while the server
+looks healthy.  Each check prints PASS or FAIL with one line of why; the exit status is
+0 only when all pass, and the JSON report holds every number.
+  config      the draft's max_position_embeddings covers the server's max_model_len
+  template    the server's own tokenisation (/tokenize) of each chat prompt a client
+              sends equals the tokens training renders for that conversation
+  mask        one training sample's loss mask, printed readably; neither all 0 nor all 1
+  greedy      the EAGLE-3 server's greedy output equals the plain server's, token for token
+  acceptance  acceptance per draft position served (the server's /metrics, counted per
+              prompt) against the offline evaluator forced along the same served outputs,
+              with the trained draft (--trained, else the served folder); a gap above
+              TOLERANCE fails, naming the position
+Acceptance is also broken down by the prompts' writing system (cjk / latin / code / other).
+--launch starts both servers with benchmark/vllm/serve.sh (the settings users serve with)
+and stops them at the end.  vLLM only: SGLang reports no per-position acceptance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+from .evaluate import read_prompts, speculative, summarize
+from .records import writing_system
+
+ROOT = Path(__file__).resolve().parents[1]
+# Served vs offline acceptance at one position, on the same outputs (see docs/RESULTS.md):
+# the two differ only by floating-point order between vLLM's kernels and HF's.
+TOLERANCE = 0.03
+METRIC = re.compile(r'^vllm:spec_decode_num_(drafts|accepted_tokens_per_pos)_total\{([^}]*)\}\s+([0-9.e+]+)$', re.M)
+
+
+class Server:
+    """One OpenAI-compatible vLLM server: its tokeniser, greedy chat and speculative counters."""
+
+    def __init__(self, url: str):
+        self.root = url.rstrip("/").removesuffix("/v1")
+        self.http = httpx.Client(timeout=900)
+        card = self.http.get(f"{self.root}/v1/models").raise_for_status().json()["data"][0]
+        self.model, self.max_model_len = card["id"], card.get("max_model_len")
+
+    def tokenize(self, messages: list[dict]) -> list[int]:
+        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        return self.http.post(f"{self.root}/tokenize", json=body).raise_for_status().json()["tokens"]
+
+    def greedy(self, messages: list[dict], max_tokens: int) -> list[int]:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                "return_token_ids": True}
+        r = self.http.post(f"{self.root}/v1/chat/completions", json=body).raise_for_status().json()
+        return r["choices"][0]["token_ids"]
+
+    def spec_counts(self) -> tuple[float, dict[int, float]]:
+        """(drafts so far, accepted tokens so far per draft position)."""
+        drafts, per_pos = 0.0, {}
+        for kind, labels, value in METRIC.findall(self.http.get(f"{self.root}/metrics").text):
+            if kind == "drafts":
+                drafts += float(value)
+            else:
+                pos = int(re.search(r'position="(\d+)"', labels).group(1))
+                per_pos[pos] = per_pos.get(pos, 0.0) + float(value)
+        return drafts, per_pos
+
+
+@contextmanager
+def launched(target: str, draft: Path | None, k: int, max_model_len: int, log_dir: Path):
+    """A server started by benchmark/vllm/serve.sh on a free port, stopped on exit."""
+    from .net import free_port
+
+    port = free_port()
+    eagle = ["--eagle", "--draft", str(draft), "--num-speculative-tokens", str(k)] if draft else []
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir))
+    serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
+    try:
+        subprocess.run([*serve, *eagle, "--target", target, "--served-name", "verify", "--port", str(port),
+                        "--max-model-len", str(max_model_len)], env=env, check=True)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([*serve, *eagle[:1], "--stop"], env=env, check=False)
+
+
+def around(tokenizer, ids: list[int], i: int) -> str:
+    return repr(tokenizer.decode(ids[max(i - 8, 0):i])) + " | " + repr(tokenizer.decode(ids[i:i + 8]))
+
+
+def template_check(tokenizer, served: list[int], trained: list[int]) -> str | None:
+    """None when the served prompt is the trained prompt; else both texts at the first difference."""
+    if served == trained:
+        return None
+    i = next((j for j, (a, b) in enumerate(zip(served, trained)) if a != b), min(len(served), len(trained)))
+    return (f"token {i} differs: served {around(tokenizer, served, i)}; "
+            f"trained {around(tokenizer, trained, i)}")
+
+
+def mask_dump(tokenizer, ids: list[int], mask: list[int]) -> str:
+    """The sample's text with the trained spans in [[...]]."""
+    parts, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and mask[j] == mask[i]:
+            j += 1
+        text = tokenizer.decode(ids[i:j])
+        parts.append(f"[[{text}]]" if mask[i] else text)
+        i = j
+    return "".join(parts)
+
+
+def compare_acceptance(served: list[float], offline: list[float], tolerance: float) -> str | None:
+    gaps = [(i, s - o) for i, (s, o) in enumerate(zip(served, offline)) if abs(s - o) > tolerance]
+    if not gaps:
+        return None
+    return "; ".join(f"position {i}: served {served[i]:.3f} vs offline {offline[i]:.3f} ({g:+.3f})" for i, g in gaps)
+
+
+class Verifier:
+    def __init__(self, args, tokenizer, target, draft, base: Server, eagle: Server):
+        self.args, self.tokenizer, self.target, self.draft = args, tokenizer, target, draft
+        self.base, self.eagle = base, eagle
+        self.failures: list[str] = []
+        self.report: dict = {"checks": {}}
+
+    def check(self, name: str, problem: str | None, ok_line: str) -> None:
+        self.report["checks"][name] = {"ok": problem is None, "detail": problem or ok_line}
+        print(f"{'PASS' if problem is None else 'FAIL'} {name}: {problem or ok_line}", flush=True)
+        if problem is not None:
+            self.failures.append(f"{name}: {problem}")
+
+    def config(self) -> bool:
+        limit = self.draft.config.max_position_embeddings
+        served = self.eagle.max_model_len
+        self.check("config", None if served is None or limit >= served else
+                   f"the draft's max_position_embeddings {limit} is below the server's max_model_len {served}: "
+                   "positions past it get RoPE the draft never saw", f"max_position_embeddings {limit} >= {served}")
+        return limit >= (served or 0)
+
+    def run_prompts(self, prompts: list[dict]) -> list[dict]:
+        from .data import special_token_ids, tokenize_conversation
+
+        special, rows = special_token_ids(self.tokenizer), []
+        for p in prompts:
+            messages = [{"role": "user", "content": p["turns"][0]}]
+            prompt_ids = self.eagle.tokenize(messages)
+            before = self.eagle.spec_counts()
+            out = self.eagle.greedy(messages, self.args.max_tokens)
+            after = self.eagle.spec_counts()
+            plain = self.base.greedy(messages, self.args.max_tokens)
+            answer = self.tokenizer.decode(out, skip_special_tokens=True)
+            ids, mask = tokenize_conversation(self.tokenizer, messages + [{"role": "assistant", "content": answer}], special)
+            first = mask.index(1) if 1 in mask else len(ids)
+            rows.append({"id": p["id"], "script": writing_system(p["turns"][0]), "prompt_ids": prompt_ids,
+                         "trained_prompt_ids": ids[:first], "output": out, "plain_output": plain,
+                         "drafts": after[0] - before[0],
+                         "accepted": [after[1].get(i, 0) - before[1].get(i, 0) for i in range(self.args.k)],
+                         "sample": (ids, mask)})
+        return rows
+
+    def offline(self, row: dict) -> list[int]:
+        from .evaluate import _eos_ids
+        from .features import AuxHooks
+
+        hooks = AuxHooks(self.target, self.draft.config.eagle_aux_hidden_state_layer_ids)
+        try:
+            prompt = torch.tensor([row["prompt_ids"]])
+            gen = speculative(self.target, hooks, self.draft, prompt, len(row["output"]), self.args.k,
+                              _eos_ids(self.target, self.tokenizer), forced=row["output"])
+        finally:
+            hooks.remove()
+        return gen.accepted
+
+    def acceptance(self, rows: list[dict]) -> None:
+        k, groups = self.args.k, {}
+        for r in rows:
+            r["offline_accepted"] = self.offline(r)
+            g = groups.setdefault(r["script"], {"prompts": 0, "drafts": 0.0, "accepted": [0.0] * k, "offline": []})
+            g["prompts"] += 1
+            g["drafts"] += r["drafts"]
+            g["accepted"] = [a + b for a, b in zip(g["accepted"], r["accepted"])]
+            g["offline"] += r["offline_accepted"]
+        table, drafts, accepted, offline_all = {}, 0.0, [0.0] * k, []
+        for name, g in sorted(groups.items()):
+            table[name] = self.summary(g["prompts"], g["drafts"], g["accepted"], g["offline"])
+            drafts, offline_all = drafts + g["drafts"], offline_all + g["offline"]
+            accepted = [a + b for a, b in zip(accepted, g["accepted"])]
+        total = self.summary(len(rows), drafts, accepted, offline_all)
+        self.report["acceptance"] = {"total": total, "by_script": table, "tolerance": self.args.tolerance}
+        print("| prompts | served tau | served acceptance | offline tau | offline acceptance |\n|---|---|---|---|---|")
+        for name, s in [("all", total), *table.items()]:
+            print(f"| {name} ({s['prompts']}) | {s['served_tau']:.3f} | {' '.join(f'{x:.3f}' for x in s['served'])} | "
+                  f"{s['offline_tau']:.3f} | {' '.join(f'{x:.3f}' for x in s['offline'])} |")
+        self.check("acceptance", compare_acceptance(total["served"], total["offline"], self.args.tolerance),
+                   f"served tau {total['served_tau']:.3f} vs offline {total['offline_tau']:.3f}, every position "
+                   f"within {self.args.tolerance}")
+
+    def summary(self, prompts: int, drafts: float, accepted: list[float], offline: list[int]) -> dict:
+        off = summarize(offline, self.args.k)
+        served = [a / drafts if drafts else 0.0 for a in accepted]
+        return {"prompts": prompts, "drafts": drafts, "served": served, "served_tau": 1 + sum(served),
+                "offline": off["acceptance_per_position"], "offline_tau": off["tau"]}
+
+    def run(self, prompts: list[dict]) -> None:
+        if not self.config():
+            return
+        rows = self.run_prompts(prompts)
+        bad = [(r["id"], template_check(self.tokenizer, r["prompt_ids"], r["trained_prompt_ids"])) for r in rows]
+        bad = [(i, p) for i, p in bad if p]
+        self.check("template", f"prompt {bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(rows)} prompts differ)" if bad else None,
+                   f"{len(rows)} prompts tokenised by the server as training renders them")
+        ids, mask = rows[0]["sample"]
+        print(f"loss mask of one training sample ([[trained]]):\n{mask_dump(self.tokenizer, ids, mask)}")
+        self.check("mask", None if 0 < sum(mask) < len(mask) else f"{sum(mask)} of {len(mask)} tokens trained",
+                   f"{sum(mask)} of {len(mask)} tokens trained")
+        differ = [r["id"] for r in rows if r["output"] != r["plain_output"]]
+        self.check("greedy", f"{len(differ)} of {len(rows)} outputs differ from plain greedy (first: prompt {differ[0]})"
+                   if differ else None, f"{len(rows)} outputs identical to plain greedy, token for token")
+        self.acceptance(rows)
+        self.report["prompts"] = [{k: v for k, v in r.items() if k != "sample"} for r in rows]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, help="the target folder or name the server serves")
+    p.add_argument("--draft", required=True, help="the exported vLLM draft folder")
+    p.add_argument("--trained", help="the draft as trained (training output or its draft/): what the offline side runs")
+    p.add_argument("--engine", default="vllm", choices=["vllm"], help="vLLM only for now")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--num-prompts", type=int, default=10)
+    p.add_argument("--k", type=int, default=3, help="the server's num_speculative_tokens")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--tolerance", type=float, default=TOLERANCE)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--launch", action="store_true", help="start both servers with benchmark/vllm/serve.sh")
+    g.add_argument("--base-url", help="the EAGLE-3 server (then --baseline-url is the plain one)")
+    p.add_argument("--baseline-url")
+    p.add_argument("--max-model-len", type=int, default=2048, help="with --launch")
+    p.add_argument("--out", default="verify.json")
+    args = p.parse_args(argv)
+    if args.base_url and not args.baseline_url:
+        p.error("--base-url needs --baseline-url (the plain server to compare greedy outputs with)")
+    return args
+
+
+def main(argv=None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_model import resolve_target
+    from .draft import load_draft
+    from .export import find_draft_folder
+
+    args = parse_args(argv)
+    path = resolve_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    draft = load_draft(find_draft_folder(args.trained or args.draft), target.get_input_embeddings().weight.data)
+    draft = draft.float().eval()
+    prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
+    with ExitStack() as stack:
+        if args.launch:
+            logs = Path(args.out).resolve().parent / "verify-serve"
+            args.baseline_url = stack.enter_context(launched(path, None, args.k, args.max_model_len, logs))
+            args.base_url = stack.enter_context(launched(path, find_draft_folder(args.draft), args.k, args.max_model_len, logs))
+        verifier = Verifier(args, tokenizer, target, draft, Server(args.base_url), Server(args.baseline_url))
+        verifier.run(prompts)
+    Path(args.out).write_text(json.dumps({**verifier.report, "failures": verifier.failures, "args": vars(args)}, indent=1))
+    for line in verifier.failures:
+        print(f"verify failed: {line}")
+    print(f"{'all checks passed' if not verifier.failures else f'{len(verifier.failures)} check(s) failed'}; "
+          f"report: {args.out}")
+    return 1 if verifier.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
