@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,60 @@ def test_a_draft_nobody_measured_has_a_card_that_says_so(exported):
         card = (folder / "README.md").read_text()
         assert "No measurement" in card and "| tau |" not in card
         assert json.loads((folder / "provenance.json").read_text())["training_run"] is None
+
+
+def test_one_layout_whatever_the_engine(trained, tiny_target, tmp_path):
+    assert export_main(["--draft", str(trained[0]), "--target", str(tiny_target), "--engine", "vllm", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm"]
+    assert {"config.json", "model.safetensors", "README.md", "provenance.json"} <= {p.name for p in (tmp_path / "vllm").iterdir()}
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--draft", "{tmp}/nowhere"], "{tmp}/nowhere: no draft here"),
+    (["--target", "{tmp}/no-target"], "{tmp}/no-target: no such target folder"),
+    (["--results", "{tmp}/missing.json"], "{tmp}/missing.json: no such results file"),
+    (["--results", "{tmp}/bad.json"], "{tmp}/bad.json: not JSON"),
+    (["--results", "{tmp}/other.json"], "{tmp}/other.json: neither an evaluate.py result"),
+    (["--engine", "tensorrt"], "argument --engine: invalid choice: 'tensorrt'"),
+])
+def test_bad_input_is_one_line_naming_it_with_exit_status_2(trained, tiny_target, tmp_path, capsys, flags, names):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text("[1, 2]")
+    args = {"--draft": str(trained[0]), "--target": str(tiny_target), "--out": str(tmp_path / "out")}
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    args.update(dict(zip(flags[::2], flags[1::2])))
+    try:
+        code = export_main([x for kv in args.items() for x in kv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and names.format(tmp=tmp_path) in err, err
+
+
+def test_the_command_line_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "traineagle3.export", "--draft", str(tmp_path / "nowhere"), "--target",
+                        "smollm2-135m-instruct", "--out", str(tmp_path / "out")], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"export: {tmp_path / 'nowhere'}: no draft here (expected config.json + " \
+        "model.safetensors, or draft/ with them)\n"
+
+
+def test_push_to_hub_uploads_both_engine_folders_with_their_cards(trained, tiny_target, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://hub/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("folder", kw, sorted(
+        str(p.relative_to(kw["folder_path"])) for p in Path(kw["folder_path"]).rglob("*") if p.is_file()))))
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: calls.append(("file", kw)))
+    out = tmp_path / "exported"
+    assert export_main(["--draft", str(trained[0]), "--target", str(tiny_target), "--out", str(out),
+                        "--push-to-hub", "org/draft-x", "--private"]) == 0
+    (_, repo, create), (_, folder, files), (_, root) = calls
+    assert repo == "org/draft-x" and create["private"] is True and create["exist_ok"] is True
+    assert folder["repo_id"] == "org/draft-x" and folder["folder_path"] == str(out)
+    assert sorted(folder["allow_patterns"]) == ["sglang/*", "vllm/*"]
+    assert files == sorted(f"{e}/{f}" for e in ("sglang", "vllm") for f in ("README.md", "config.json", "model.safetensors", "provenance.json"))
+    assert root["repo_id"] == "org/draft-x" and root["path_in_repo"] == "README.md"
+    assert b"hf download org/draft-x --local-dir draft-x" in root["path_or_fileobj"]
+    card = (out / "vllm" / "README.md").read_text()  # what a downloader runs
+    assert '"model": "draft-x/vllm"' in card and "hf download org/draft-x --local-dir draft-x" in card
