@@ -226,4 +226,5 @@ def test_push_to_hub_uploads_both_engine_folders_with_their_cards(trained, tiny_
     assert root["repo_id"] == "org/draft-x" and root["path_in_repo"] == "README.md"
     assert b"hf download org/draft-x --local-dir draft-x" in root["path_or_fileobj"]
     card = (out / "vllm" / "README.md").read_text()  # what a downloader runs
+    assert root["path_or_fileobj"].decode().endswith(card)  # the repository's page shows a card
     assert '"model": "draft-x/vllm"' in card and "hf download org/draft-x --local-dir draft-x" in card
