@@ -100,6 +100,17 @@ def test_tensorboard_reads_back_what_the_run_logged(baseline):
         assert len(logged) >= 2 and [(e.step, e.value) for e in events.Scalars(tag)] == logged, tag
 
 
+def test_exported_card_states_the_runs_replayed_tau(baseline, tiny_target, tmp_path):
+    from traineagle3.export import main as export_main
+
+    assert export_main(["--draft", str(baseline), "--target", str(tiny_target), "--out", str(tmp_path)]) == 0
+    last = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()][-1]
+    card = (tmp_path / "sglang" / "README.md").read_text()
+    assert f"| {last['tau']:.2f} | {' '.join(f'{x:.2f}' for x in last['round_acceptance'])} | - | {last['time'][:10]} |" in card
+    prov = json.loads((tmp_path / "vllm" / "provenance.json").read_text())
+    assert prov["ds_config"]["gradient_accumulation_steps"] == 2 and prov["train_config"]["report_to"] == "tensorboard"
+
+
 def test_one_cpu_rank_skips_the_shared_memory_op(baseline):
     """DeepSpeed JIT-builds it (~1 min on a fresh machine) and loads it for any world size."""
     assert "shm_comm" not in (baseline.parent / "run.log").read_text()
