@@ -54,7 +54,8 @@ def weights(out):
 @pytest.fixture(scope="module")
 def baseline(tiny_target, chat_jsonl, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
-    log = finish(launch(train_args(tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache")))
+    args = train_args(tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache", "--report_to", "tensorboard")
+    log = finish(launch(args))
     (tmp / "run.log").write_text(log)
     return tmp / "out"
 
@@ -81,6 +82,33 @@ def test_run_writes_serving_folder_and_metrics(baseline):
         if test:
             assert x["rounds"] > 0 and x["tau"] == pytest.approx(1 + sum(x["round_acceptance"]), abs=5e-5)
             assert x["round_acceptance"] == sorted(x["round_acceptance"], reverse=True)
+
+
+def test_tensorboard_reads_back_what_the_run_logged(baseline):
+    """--report_to tensorboard: loss and acceptance per TTT position, replayed tau, lr, tokens/s, memory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(baseline / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()]
+    for split, tag, value in [("train", "train/loss/0", lambda r: r["loss"][0]), ("train", "train/lr", lambda r: r["lr"]),
+                              ("train", "train/acceptance/6", lambda r: r["acceptance"][6]),
+                              ("train", "train/tokens_per_s", lambda r: r["tokens_per_s"]),
+                              ("train", "train/peak_rss_gib", lambda r: r["peak_rss_gib"]),
+                              ("test", "test/tau", lambda r: r["tau"]), ("test", "test/loss/6", lambda r: r["loss"][6])]:
+        logged = [(r["step"], pytest.approx(value(r), rel=1e-6)) for r in lines if r["split"] == split]
+        assert len(logged) >= 2 and [(e.step, e.value) for e in events.Scalars(tag)] == logged, tag
+
+
+def test_exported_card_states_the_runs_replayed_tau(baseline, tiny_target, tmp_path):
+    from traineagle3.export import main as export_main
+
+    assert export_main(["--draft", str(baseline), "--target", str(tiny_target), "--out", str(tmp_path)]) == 0
+    last = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()][-1]
+    card = (tmp_path / "sglang" / "README.md").read_text()
+    assert f"| {last['tau']:.2f} | {' '.join(f'{x:.2f}' for x in last['round_acceptance'])} | - | {last['time'][:10]} |" in card
+    prov = json.loads((tmp_path / "vllm" / "provenance.json").read_text())
+    assert prov["ds_config"]["gradient_accumulation_steps"] == 2 and prov["train_config"]["report_to"] == "tensorboard"
 
 
 def test_one_cpu_rank_skips_the_shared_memory_op(baseline):

@@ -1,6 +1,10 @@
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import ROOT, make_tiny_target, run_env
 from traineagle3.checkpoint import save_draft_folder
 from traineagle3.draft import Eagle3Draft, KVCache, derive_draft_config, load_draft
+from traineagle3.config import TrainConfig, to_dict
 from traineagle3.export import check, export
+from traineagle3.export import main as export_main
+from traineagle3.metrics import MetricsLog
 from traineagle3.vocab import VocabMap
 
 AUX = [1, 2, 3]
@@ -101,3 +108,123 @@ def test_check_refuses_another_target_and_cli_names_the_folder(exported, llama3_
     r = subprocess.run([sys.executable, "-m", "traineagle3.export", "--check", str(exported["vllm"]), "--target", str(other),
                         "--engine", "vllm"], cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert r.returncode == 1 and f"{exported['vllm']}: vocab_size" in r.stderr
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def run_dir(trained, chat_jsonl, tmp_path):
+    """A training output dir as main.py leaves it: config, DeepSpeed config, metrics, a checkpoint's draft."""
+    run = tmp_path / "run"
+    draft = run / "checkpoints" / "step_00000002" / "draft"
+    shutil.copytree(trained[0], draft)
+    (draft.parent / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 1, "batches_done": 0}))
+    (run / "train_config.json").write_text(json.dumps(to_dict(TrainConfig(train_data=str(chat_jsonl), ttt_steps=3))))
+    (run / "ds_config.json").write_text(json.dumps({"optimizer": {"params": {"lr": 0.003}}, "train_micro_batch_size_per_gpu": 2}))
+    log = MetricsLog(run / "metrics.jsonl", True)
+    for step, tau in [(2, 1.4321), (4, 1.9876)]:  # the step-4 test comes after this checkpoint
+        log.write(step=step, split="test", tau=tau, rounds=40, round_acceptance=[0.3, 0.1, 0.0321] if step == 2 else [0.5, 0.3, 0.1876])
+    return draft
+
+
+def results_files(tmp_path):
+    offline = tmp_path / "eval_sharegpt.json"
+    offline.write_text(json.dumps({"total": {"tau": 1.5678, "acceptance_per_position": [0.4, 0.1, 0.0678], "prompts": 8,
+                                             "k": 3, "identical": True, "speedup": 1.234}, "prompts": []}))
+    served = tmp_path / "compare.json"
+    served.write_text(json.dumps([{"engine": "vllm", "concurrency": 1, "server": "baseline", "completed": "8/8",
+                                   "acceptance_length": None, "speedup": None},
+                                  {"engine": "vllm", "concurrency": 1, "server": "eagle3", "completed": "8/8",
+                                   "acceptance_length": 1.4567, "acceptance_per_position": [0.3, 0.1, 0.0567], "speedup": 1.111}]))
+    return [f"sharegpt={offline}", f"sharegpt={served}"]
+
+
+def test_card_states_the_runs_measurements_and_provenance_pins_the_inputs(run_dir, tiny_target, chat_jsonl, tmp_path):
+    out = tmp_path / "exported"
+    assert export_main(["--draft", str(run_dir), "--target", str(tiny_target), "--out", str(out),
+                        *sum((["--results", r] for r in results_files(tmp_path)), [])]) == 0
+    today = datetime.now(timezone.utc).date().isoformat()
+    for engine, ids in [("vllm", [1, 2, 3]), ("sglang", [0, 1, 2])]:
+        card = (out / engine / "README.md").read_text()
+        assert "| 1.43 | 0.30 0.10 0.03 | - | " + today in card and "1.99" not in card  # the checkpoint's step, not later
+        assert "| sharegpt (8 prompts) | offline" in card and "| 1.57 | 0.40 0.10 0.07 | 1.23x |" in card
+        assert "served by vllm, concurrency 1 | 1.46 | 0.30 0.10 0.06 | 1.11x |" in card
+        assert str(chat_jsonl) in card and "- lr: 0.003" in card and "- ttt_steps: 3" in card
+        prov = json.loads((out / engine / "provenance.json").read_text())
+        assert prov["training_data"]["train"] == {"source": str(chat_jsonl), "sha256": sha(chat_jsonl)}
+        assert prov["target"]["weights_sha256"] == {"model.safetensors": sha(tiny_target / "model.safetensors")}
+        assert prov["target"]["chat_template_sha256"] == sha(tiny_target / "chat_template.jinja")
+        d2t = load_file(str(run_dir / "model.safetensors"))["d2t"]
+        assert prov["vocab_map"]["d2t_sha256"] == hashlib.sha256(d2t.numpy().tobytes()).hexdigest()
+        assert prov["aux_layer_ids"] == {engine: ids} and prov["packages"]["torch"] == torch.__version__
+    vllm = (out / "vllm" / "README.md").read_text()
+    spec = {"method": "eagle3", "model": str((out / "vllm").resolve()), "num_speculative_tokens": 3}
+    assert f"vllm serve {tiny_target} --speculative-config '{json.dumps(spec)}'" in vllm
+    assert f"--speculative-draft-model-path {(out / 'sglang').resolve()} --speculative-num-steps 3" in (out / "sglang" / "README.md").read_text()
+
+
+def test_a_draft_nobody_measured_has_a_card_that_says_so(exported):
+    for folder in exported.values():
+        card = (folder / "README.md").read_text()
+        assert "No measurement" in card and "| tau |" not in card
+        assert json.loads((folder / "provenance.json").read_text())["training_run"] is None
+
+
+def test_one_layout_whatever_the_engine(trained, tiny_target, tmp_path):
+    assert export_main(["--draft", str(trained[0]), "--target", str(tiny_target), "--engine", "vllm", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm"]
+    assert {"config.json", "model.safetensors", "README.md", "provenance.json"} <= {p.name for p in (tmp_path / "vllm").iterdir()}
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--draft", "{tmp}/nowhere"], "{tmp}/nowhere: no draft here"),
+    (["--target", "{tmp}/no-target"], "{tmp}/no-target: no such target folder"),
+    (["--results", "{tmp}/missing.json"], "{tmp}/missing.json: no such results file"),
+    (["--results", "{tmp}/bad.json"], "{tmp}/bad.json: not JSON"),
+    (["--results", "{tmp}/other.json"], "{tmp}/other.json: neither an evaluate.py result"),
+    (["--engine", "tensorrt"], "argument --engine: invalid choice: 'tensorrt'"),
+])
+def test_bad_input_is_one_line_naming_it_with_exit_status_2(trained, tiny_target, tmp_path, capsys, flags, names):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text("[1, 2]")
+    args = {"--draft": str(trained[0]), "--target": str(tiny_target), "--out": str(tmp_path / "out")}
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    args.update(dict(zip(flags[::2], flags[1::2])))
+    try:
+        code = export_main([x for kv in args.items() for x in kv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and names.format(tmp=tmp_path) in err, err
+
+
+def test_the_command_line_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "traineagle3.export", "--draft", str(tmp_path / "nowhere"), "--target",
+                        "smollm2-135m-instruct", "--out", str(tmp_path / "out")], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"export: {tmp_path / 'nowhere'}: no draft here (expected config.json + " \
+        "model.safetensors, or draft/ with them)\n"
+
+
+def test_push_to_hub_uploads_both_engine_folders_with_their_cards(trained, tiny_target, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://hub/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("folder", kw, sorted(
+        str(p.relative_to(kw["folder_path"])) for p in Path(kw["folder_path"]).rglob("*") if p.is_file()))))
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: calls.append(("file", kw)))
+    out = tmp_path / "exported"
+    assert export_main(["--draft", str(trained[0]), "--target", str(tiny_target), "--out", str(out),
+                        "--push-to-hub", "org/draft-x", "--private"]) == 0
+    (_, repo, create), (_, folder, files), (_, root) = calls
+    assert repo == "org/draft-x" and create["private"] is True and create["exist_ok"] is True
+    assert folder["repo_id"] == "org/draft-x" and folder["folder_path"] == str(out)
+    assert sorted(folder["allow_patterns"]) == ["sglang/*", "vllm/*"]
+    assert files == sorted(f"{e}/{f}" for e in ("sglang", "vllm") for f in ("README.md", "config.json", "model.safetensors", "provenance.json"))
+    assert root["repo_id"] == "org/draft-x" and root["path_in_repo"] == "README.md"
+    assert b"hf download org/draft-x --local-dir draft-x" in root["path_or_fileobj"]
+    card = (out / "vllm" / "README.md").read_text()  # what a downloader runs
+    assert root["path_or_fileobj"].decode().endswith(card)  # the repository's page shows a card
+    assert '"model": "draft-x/vllm"' in card and "hf download org/draft-x --local-dir draft-x" in card

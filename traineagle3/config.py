@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .feature_cache import DTYPES
+from .tracking import REPORTERS
 from .ttt import IMPLS
 
 
@@ -49,6 +50,7 @@ class TrainConfig:
     save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (and at each epoch end)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "newest complete checkpoints to keep"})
     log_every: int = field(default=10, metadata={"help": "metrics line every N optimizer steps"})
+    report_to: str = field(default="none", metadata={"help": "also send the metrics to 'tensorboard' (<output_dir>/tensorboard) or 'wandb' (run under <output_dir>/wandb; WANDB_MODE=offline keeps it local); 'none': metrics.jsonl only"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir"})
     progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
 
@@ -99,6 +101,8 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(f"train_on must be 'assistant' or 'all', not {cfg.train_on!r}")
     if cfg.feature_cache_dtype not in DTYPES:
         raise ValueError(f"feature_cache_dtype must be one of {DTYPES}, not {cfg.feature_cache_dtype!r}")
+    if cfg.report_to not in REPORTERS:
+        raise ValueError(f"report_to must be one of {REPORTERS}, not {cfg.report_to!r}")
     return cfg
 
 

@@ -120,6 +120,11 @@ class Demo:
         self.run(deepspeed, "--num_gpus", 1, ROOT / "traineagle3" / "llama" / "main.py",
                  "--deepspeed_config", self.out / "ds_config.json", "--config", self.out / "train_config.json")
 
+    def export(self, results=()) -> None:
+        """Export for both engines; again at the end with the offline and served results, for the model cards."""
+        self.py("-m", "traineagle3.export", "--draft", self.train_dir / "draft", "--target", "smollm2-135m-instruct",
+                "--engine", "both", "--out", self.out / "exported", *(x for r in results for x in ("--results", r)))
+
     def evaluate(self, prompt_sets: dict) -> dict:
         """One process per prompt set, side by side with a share of the cores each.
 
@@ -183,8 +188,7 @@ class Demo:
             self.step(3, "train the draft (DeepSpeed, CPU)")
             self.train()
             self.step(4, "export for vLLM and SGLang, plot the training log")
-            self.py("-m", "traineagle3.export", "--draft", self.train_dir / "draft", "--target", "smollm2-135m-instruct",
-                    "--engine", "both", "--out", self.out / "exported")
+            self.export()
             self.py(ROOT / "log_plot.py", self.train_dir / "metrics.jsonl", "-o", self.out / "log_plot.png")
             prompt_sets = {"sharegpt": self.data / "test.jsonl"}
             mt = next((p for p in MT_BENCH if p.exists()), None)
@@ -202,7 +206,9 @@ class Demo:
                 self.server("eagle3", False)
         finally:
             self.server("baseline", False)
-        self.step(7, "summary")
+        self.step(7, "summary; the exported folders' model cards get these measurements")
+        self.export([f"{name}={self.out / f'eval_{name}.json'}" for name in offline]
+                    + [f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
         text = summary_table(offline, served, self.p["k"])
         (self.out / "summary.md").write_text(text + "\n")
         print(text)

@@ -1,7 +1,10 @@
 """Export a trained draft as a folder vLLM or SGLang loads as-is, and check such a folder.
 
-    python -m traineagle3.export --draft outputs/eagle3 --target <model> --engine both --out exported/
+    python -m traineagle3.export --draft outputs/eagle3 --target <model> --out exported/   # exported/vllm, exported/sglang
     python -m traineagle3.export --check exported/vllm --target <model> --engine vllm
+    python -m traineagle3.export ... --results sharegpt=eval.json --push-to-hub ORG/NAME [--private]
+
+Each engine folder gets a model card (README.md, measured numbers only) and provenance.json (card.py).
 
 Both engines load `LlamaForCausalLMEagle3` with the weight names we train under
 (`midlayer.*`, `fc`, `norm`, `lm_head`, `d2t`; `t2d` is skipped, the embedding is the
@@ -17,6 +20,7 @@ target's).  They differ where drafts silently collapse:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import card, hub
 from .checkpoint import write_json_atomic
 from .default_model import resolve_target
 
@@ -70,8 +75,10 @@ def serving_config(trained: dict, engine: str, dtype: torch.dtype, target_hidden
     return cfg
 
 
-def export(draft: str | Path, target: str, engine: str, out: str | Path, dtype: str = "bf16") -> Path:
-    """Write `out` for one engine; return it.  Refuses a result that fails `check`."""
+def export(draft: str | Path, target: str, engine: str, out: str | Path, dtype: str = "bf16",
+           facts: dict | None = None, hub_repo: str | None = None) -> Path:
+    """Write `out` for one engine, its model card and provenance included; return it.
+    Refuses a result that fails `check`.  `facts`: card.gather's, shared by the engines of one export."""
     src = find_draft_folder(draft)
     trained = json.loads((src / "config.json").read_text())
     weights = load_file(str(src / "model.safetensors"))
@@ -81,10 +88,14 @@ def export(draft: str | Path, target: str, engine: str, out: str | Path, dtype: 
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
                for k, v in weights.items() if not k.startswith("embed_tokens.")}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_json_atomic(out / "config.json", serving_config(trained, engine, DTYPES[dtype], target_cfg.hidden_size))
+    serving = serving_config(trained, engine, DTYPES[dtype], target_cfg.hidden_size)
+    write_json_atomic(out / "config.json", serving)
     problems = check(out, target_cfg, engine)
     if problems:
-        raise ValueError(f"{out}: exported folder fails its check:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{out}: exported folder fails its check: " + "; ".join(problems))
+    facts = facts or card.gather(src, target, resolve_target(target), [])
+    ids = serving["eagle_config"]["eagle_aux_hidden_state_layer_ids"]  # in this engine's numbering
+    card.write(out, engine, facts, target, ids, hashlib.sha256(tensors["d2t"].numpy().tobytes()).hexdigest(), hub_repo)
     return out
 
 
@@ -159,32 +170,68 @@ def check(folder: str | Path, target, engine: str) -> list[str]:
     return problems
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (exit status 2), not the usage of every flag."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(prog="python -m traineagle3.export", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="target model folder or hub name (or the embedded default's name)")
     p.add_argument("--engine", choices=[*ENGINES, "both"], default="both")
     p.add_argument("--draft", help="trained draft: output dir, checkpoint dir or draft folder")
-    p.add_argument("--out", help="output folder (with --engine both: OUT/vllm and OUT/sglang)")
+    p.add_argument("--out", help="output folder: OUT/vllm and/or OUT/sglang, whatever the engine")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--results", action="append", default=[], metavar="[NAME=]FILE",
+                   help="evaluate.py or benchmark compare.json results of this draft for the model card; NAME: the "
+                        "prompt set (default FILE's stem); repeatable")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the engine folders to this Hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--check", metavar="DIR", help="only check an exported folder against --target")
     args = p.parse_args(argv)
-    engines = ENGINES if args.engine == "both" else (args.engine,)
+    if args.check and args.engine == "both":
+        p.error("--check needs --engine vllm or sglang")
+    if not args.check and not (args.draft and args.out):
+        p.error("export needs --draft and --out")
+    return args
+
+
+def local_target(target: str) -> str:
+    """The target's folder; a path that does not exist is refused here, not by a hub look-up."""
+    path = resolve_target(target)
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"{target}: no such target folder")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
     if args.check:
-        if args.engine == "both":
-            p.error("--check needs --engine vllm or sglang")
-        problems = check(args.check, args.target, args.engine)
+        problems = check(args.check, local_target(args.target), args.engine)
         for msg in problems:
             print(f"{args.check}: {msg}", file=sys.stderr)
         print(f"{args.check}: {'FAILS' if problems else 'ok'} for {args.engine} with target {args.target}")
         return 1 if problems else 0
-    if not (args.draft and args.out):
-        p.error("export needs --draft and --out")
-    t = target_config(args.target)
+    engines = list(ENGINES) if args.engine == "both" else [args.engine]
+    facts = card.gather(find_draft_folder(args.draft), args.target, local_target(args.target), args.results)
     for engine in engines:
-        out = Path(args.out) / engine if len(engines) > 1 else Path(args.out)
-        export(args.draft, t, engine, out, args.dtype)
-        print(f"{out}: {engine} draft, checked against {args.target}")
+        out = export(args.draft, args.target, engine, Path(args.out) / engine, args.dtype, facts, args.push_to_hub)
+        print(f"{out}: {engine} draft, checked against {args.target}; model card {out / 'README.md'}")
+    if args.push_to_hub:
+        print(f"uploaded to {hub.push(Path(args.out), engines, args.push_to_hub, args.private)}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Bad input (a missing file, an unreadable results file, a folder failing its check): one line, exit status 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (OSError, ValueError) as e:
+        print(f"export: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

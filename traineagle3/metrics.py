@@ -1,13 +1,15 @@
-"""Metrics: one JSON object per line (what log_plot.py reads), written by rank 0 only."""
+"""Metrics: one JSON object per line (what log_plot.py and the model card read), written by rank 0 only."""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from .tracking import scalars
 from .ttt import decode_rounds, round_stats
 
 
@@ -65,13 +67,34 @@ class StepStats:
         }
 
 
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far: this process's resident set (GiB), and the accelerator's allocations on one."""
+    import resource
+
+    from deepspeed.accelerator import get_accelerator
+
+    mem = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # KiB on Linux
+    if device.type != "cpu":
+        mem["peak_mem_gib"] = round(get_accelerator().max_memory_allocated() / 2**30, 2)
+    return mem
+
+
 class MetricsLog:
-    def __init__(self, path: str | Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
+    """metrics.jsonl, each record stamped with its UTC time, and mirrored to a tracker if one is given."""
+
+    def __init__(self, path: str | Path, enabled: bool, tracker=None):
+        self.path, self.enabled, self.tracker = Path(path), enabled, tracker
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record) -> None:
         if self.enabled:
+            record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker:
+                self.tracker.log(record["step"], scalars(record))
+
+    def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()

@@ -26,7 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from traineagle3 import checkpoint
+from traineagle3 import checkpoint, tracking
 from traineagle3.config import TrainConfig, add_arguments, from_args, to_dict
 from traineagle3.data import DataConfig, collate, dataset_key, epoch_batches, load_tokenized, split_train_test
 from traineagle3.cache import cache_root
@@ -34,7 +34,7 @@ from traineagle3.default_model import resolve_target
 from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
 from traineagle3.feature_cache import cache_folder, cache_parts, ensure_cache
 from traineagle3.features import Features, TargetFeatures, add_feature_noise, draft_rows
-from traineagle3.metrics import MetricsLog, StepStats
+from traineagle3.metrics import MetricsLog, StepStats, peak_memory
 from traineagle3.net import free_port
 from traineagle3.target_tensors import embedding_and_head, final_norm
 from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
@@ -90,6 +90,7 @@ def local_rank0_first(fn):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg: TrainConfig = from_args(args)
+    tracking.require(cfg.report_to)
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.info("%d rank(s) on %s, %d CPU threads each (OMP_NUM_THREADS)", world, device, torch.get_num_threads())
@@ -194,7 +195,9 @@ def main(argv=None) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json_atomic(out / "train_config.json", to_dict(cfg))
-    metrics = MetricsLog(out / "metrics.jsonl", rank == 0)
+        checkpoint.write_json_atomic(out / "ds_config.json", ds)  # the recipe's other half, for the model card
+    metrics = MetricsLog(out / "metrics.jsonl", rank == 0,
+                         tracking.open_tracker(cfg.report_to, out, to_dict(cfg)) if rank == 0 else None)
 
     def run(batch_idx, split):
         batch, f = batch_features(batch_idx, split)
@@ -248,10 +251,8 @@ def main(argv=None) -> None:
             if state["global_step"] % cfg.log_every == 0 or done:
                 summary = stats.summary(device)
                 bar.set_postfix(loss=summary["loss"][0], acc0=summary["acc"][0])
-                if device.type != "cpu":
-                    summary["peak_mem_gib"] = round(get_accelerator().max_memory_allocated() / 2**30, 2)
                 metrics.write(step=state["global_step"], epoch=epoch + (b + 1) / len(batches), split="train",
-                              lr=engine.get_lr()[0], **summary)
+                              lr=engine.get_lr()[0], **summary, **peak_memory(device))
                 stats = StepStats(cfg.ttt_steps)
             if done:
                 if b + 1 < len(batches):  # stopped by max_steps: a resume continues from here
@@ -263,6 +264,7 @@ def main(argv=None) -> None:
         evaluate(position["epoch"] + position["batches_done"] / len(batches))
         save(**position)
     bar.close()
+    metrics.close()
     if rank == 0 and (final := checkpoint.latest_complete(out)):
         shutil.rmtree(out / "draft", ignore_errors=True)
         shutil.copytree(final / "draft", out / "draft")
