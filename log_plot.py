@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from traineagle3.cli import Parser, UserError, cli  # noqa: E402
+
 STYLES = ["-", "--", ":", "-."]
 CMAP = plt.get_cmap("viridis")
 
@@ -38,7 +40,7 @@ def read_metrics(path: Path) -> dict[str, list[dict]]:
             rec = json.loads(line)
             by_key[(rec["split"], rec["step"])] = rec
         except (json.JSONDecodeError, KeyError) as e:
-            raise SystemExit(f"{path}: line {n} is not a metrics record ({e})")
+            raise UserError(f"{path}: line {n} is not a metrics record ({e})") from None
     out = {"train": [], "test": []}
     for (split, _), rec in sorted(by_key.items(), key=lambda kv: kv[0][1]):
         out.setdefault(split, []).append(rec)
@@ -100,15 +102,16 @@ def plot(paths: list[Path], out: Path, x: str = "step") -> None:
     plt.close(fig)
 
 
+@cli
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", type=Path, help="metrics.jsonl files, one per run")
     p.add_argument("-o", "--output", type=Path, default=Path("log_plot.png"))
     p.add_argument("--x", choices=["step", "epoch"], default="step", help="x axis")
     args = p.parse_args(argv)
     for m in args.metrics:
         if not m.is_file():
-            raise SystemExit(f"{m}: no such metrics file")
+            raise UserError(f"{m}: no such metrics file")
     plot(args.metrics, args.output, args.x)
     print(args.output)
 

@@ -32,7 +32,8 @@ flags ([environment variable] = default):
   --dry-run             print the commands, run nothing
   -- ARGS               passed to vllm bench serve
 Greedy (temperature 0), prompts in file order; results: RESULT_DIR/$ENGINE-{baseline,eagle3}-c{N}.json
-(-c{N}-r{i}.json with rounds), then compare.{md,json,png} from benchmark/compare.py.
+(-c{N}-r{i}.json with rounds) and vllm bench's output in .log files next to them, then
+compare.{md,json,png} from benchmark/compare.py.
 EOT
 }
 
@@ -67,9 +68,9 @@ bench_main() {
   BENCH=("${VLLM[@]}" bench serve)
   export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
   mkdir -p "$RESULT_DIR"
-  local prompts="$RESULT_DIR/prompts.jsonl" c r n order file suffix label url stem
+  local prompts="$RESULT_DIR/prompts.jsonl" c r n order file suffix label url stem log
   local cmd=("$PYTHON" -m benchmark.prompts "$DATASET" "$prompts" --limit "$NUM_PROMPTS" --rounds "$ROUNDS")
-  if [[ $DRY == 1 ]]; then quoted "${cmd[@]}"; else "${cmd[@]}"; fi
+  if [[ $DRY == 1 ]]; then quoted "${cmd[@]}"; else need_project_python; "${cmd[@]}"; fi
   for c in $CONCURRENCY; do
     if [[ $DRY == 0 ]]; then  # an earlier run's results at this level (other rounds) would be merged in
       for label in $ONLY; do
@@ -90,8 +91,12 @@ bench_main() {
              --num-prompts "$n" --max-concurrency "$c" --temperature 0 --disable-shuffle
              --save-result --result-dir "$RESULT_DIR" --result-filename "$stem.json" --label "$stem" "${EXTRA[@]}")
         if [[ $DRY == 1 ]]; then quoted "${cmd[@]}"; continue; fi
-        echo "== $stem: $url"
-        "${cmd[@]}"
+        # vllm bench's own output (progress, its table, and the nanobind leak report its exit
+        # prints, hundreds of lines) goes to a log; compare.py's table is the summary
+        log="$RESULT_DIR/$stem.log"
+        echo "== $stem: $url (output: $log)"
+        "${cmd[@]}" > "$log" 2>&1 || { echo "error: vllm bench serve failed; the end of $log:" >&2
+          grep -v -e '^nanobind: ' -e '^ - leaked ' "$log" | tail -n 20 >&2; exit 1; }
         if declare -F after_run >/dev/null; then after_run "$label" "$url" "$RESULT_DIR/$stem"; fi
       done
     done

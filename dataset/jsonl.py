@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from traineagle3.cli import UserError
+
 
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line index, record) of every line; a line that is not a JSON object is an error naming it."""
@@ -17,9 +19,9 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: record {index} is not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}: record {index} is not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}: record {index} is not a JSON object")
+                raise UserError(f"{path}: record {index} is not a JSON object")
             yield index, rec
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from traineagle3.cli import Parser, UserError, cli, number
 from traineagle3.records import ReadReport, iter_conversations, record_id
 
 from .jsonl import Appender, read_records, repair_tail
@@ -143,9 +144,11 @@ def read_input(path: Path, limit: int | None) -> tuple[list[tuple[str, list[dict
     for index, rid, conv in iter_conversations(str(path), report, limit=limit):
         rid = record_id(index, rid)
         if rid in first:
-            raise ValueError(f"{path}: record {index} repeats id {rid!r} of record {first[rid]}")
+            raise UserError(f"{path}: record {index} repeats id {rid!r} of record {first[rid]}")
         first[rid] = index
         items.append((rid, conv))
+    if not items:
+        raise UserError(f"{report.summary()}: no usable conversations")
     return items, report
 
 
@@ -209,21 +212,22 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
     return summary
 
 
+@cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", action="append", required=True, dest="base_urls",
                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat for several servers")
     p.add_argument("--model", required=True, help="the served model name")
     p.add_argument("--in", dest="src", required=True, type=Path, help="conversations (dataset.download output or any chat JSON/JSONL)")
     p.add_argument("--out", required=True, type=Path, help="regenerated JSONL, appended to and resumed")
-    p.add_argument("--concurrency", type=int, default=96, help="conversations in flight over all servers")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=1024, help="per answer")
+    p.add_argument("--concurrency", type=number(int, 1), default=96, help="conversations in flight over all servers")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0)
+    p.add_argument("--max-tokens", type=number(int, 1), default=1024, help="per answer")
     p.add_argument("--drop-truncated", action="store_true", help="end a conversation before an answer cut by --max-tokens")
-    p.add_argument("--max-turns", type=int, help="regenerate only the first N user turns of a conversation (the rest is dropped)")
-    p.add_argument("--max-retries", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--limit", type=int, help="only the first N conversations of the input")
+    p.add_argument("--max-turns", type=number(int, 1), help="regenerate only the first N user turns of a conversation (the rest is dropped)")
+    p.add_argument("--max-retries", type=number(int, 0), default=5)
+    p.add_argument("--timeout", type=number(float, 1), default=600.0, help="seconds per request")
+    p.add_argument("--limit", type=number(int, 1), help="only the first N conversations of the input")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = RegenConfig(a.base_urls, a.model, a.temperature, a.max_tokens, a.concurrency, a.timeout, a.max_retries,

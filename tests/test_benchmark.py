@@ -7,6 +7,7 @@ the table -- is tests/test_demo.py, which drives these scripts end to end.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -166,6 +167,68 @@ def test_compare_adds_up_rounds(tmp_path):
     assert eagle["acceptance_per_position"] == pytest.approx([(20 + 15) / 100, 10 / 100])
 
 
+LEAK_REPORT = """nanobind: leaked 2 instances!
+ - leaked instance 0x7f00 of type "xgrammar.xgrammar_bindings.GrammarCompiler"
+nanobind: this is likely caused by a reference counting issue in the binding code.
+"""
+
+
+def bench_standin(tmp_path):
+    """A python whose `-m traineagle3.vllm_cpu bench serve` stands in for vLLM's: it writes a result
+    of 100 tokens in 2 s (baseline) or 1 s (EAGLE-3), then a nanobind leak report to stderr, as
+    vllm bench does at exit."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [[ "$1 $2 $3 $4" == "-m traineagle3.vllm_cpu bench serve" ]]; then
+  exec {sys.executable} -c '
+import json, sys
+a = sys.argv[1:]; get = lambda f: a[a.index(f) + 1]
+r = {{"completed": 4, "num_prompts": 4, "total_output_tokens": 100, "mean_tpot_ms": 10.0, "mean_ttft_ms": 5.0}}
+r["duration"] = 1.0 if "eagle3" in get("--label") else 2.0
+r["output_throughput"] = 100 / r["duration"]
+open(get("--result-dir") + "/" + get("--result-filename"), "w").write(json.dumps(r))
+sys.stderr.write({json.dumps(LEAK_REPORT)})' "$@"
+fi
+[[ "$1" == -c && "$2" == *vllm-cpu* ]] && exit 0  # vLLM-cpu counts as installed
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    return python
+
+
+def test_vllm_bench_output_goes_to_a_log_not_the_terminal(tmp_path):
+    """vllm bench ends with hundreds of nanobind leak lines: kept in each run's log, off the terminal."""
+    src = tmp_path / "test.jsonl"
+    src.write_text("".join(json.dumps({"question_id": i, "turns": [f"q{i}"]}) + "\n" for i in range(2)))
+    r = sh("vllm/benchmark.sh", "--num-prompts", "2", "--target", "/t", "--dataset", str(src),
+           "--result-dir", str(tmp_path / "results"), env={"PYTHON": str(bench_standin(tmp_path))})
+    assert "leaked" not in r.stdout + r.stderr and "| eagle3 |" in r.stdout
+    for label in ("baseline", "eagle3"):
+        assert (tmp_path / "results" / f"vllm-{label}-c1.log").read_text() == LEAK_REPORT
+
+
+def test_scripts_use_the_projects_venv_or_say_what_to_set_up(tmp_path):
+    """In a fresh shell (no venv active, PYTHON unset) the scripts run .venv/bin/python when there
+    is one, and otherwise stop in one line, not an import traceback."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "benchmark", repo / "benchmark")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # no site-packages: no torch
+    (bare / "python3").chmod(0o755)
+    env = {"PATH": f"{bare}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    serve = ["bash", str(repo / "benchmark" / "vllm" / "serve.sh"), "--eagle", "--dry-run"]
+    r = subprocess.run(serve, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "python3 has no torch transformers: run make setup" in r.stderr
+    venv = repo / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\nexec {sys.executable} \"$@\"\n")
+    (venv / "python").chmod(0o755)
+    r = subprocess.run(serve + ["--target", "/t"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "vllm-cpu" in (tmp_path / "calls").read_text(), r.stderr
+
+
 def test_a_rerun_replaces_the_last_runs_results_instead_of_merging_them(tmp_path):
     """A 3-round run's files must not be read as rounds of a later 2-round run at the same level."""
     src = tmp_path / "test.jsonl"
@@ -176,24 +239,8 @@ def test_a_rerun_replaces_the_last_runs_results_instead_of_merging_them(tmp_path
         (results / f"{stem}.json").write_text(json.dumps(result(999, 1.0)))
     (results / "vllm-eagle3-c1.server_info.json").write_text("{}")
     (results / "vllm-baseline-c4-r1.json").write_text(json.dumps(result(999, 1.0)))  # another level: kept
-    # `bench serve` stands in for vLLM: writes a result of 100 tokens in 2 s (baseline) or 1 s (EAGLE-3)
-    python = tmp_path / "python"
-    python.write_text(f"""#!/usr/bin/env bash
-if [[ "$1 $2 $3 $4" == "-m traineagle3.vllm_cpu bench serve" ]]; then
-  exec {sys.executable} -c '
-import json, sys
-a = sys.argv[1:]; get = lambda f: a[a.index(f) + 1]
-r = {{"completed": 4, "num_prompts": 4, "total_output_tokens": 100, "mean_tpot_ms": 10.0, "mean_ttft_ms": 5.0}}
-r["duration"] = 1.0 if "eagle3" in get("--label") else 2.0
-r["output_throughput"] = 100 / r["duration"]
-open(get("--result-dir") + "/" + get("--result-filename"), "w").write(json.dumps(r))' "$@"
-fi
-[[ "$1" == -c && "$2" == *vllm-cpu* ]] && exit 0  # vLLM-cpu counts as installed
-exec {sys.executable} "$@"
-""")
-    python.chmod(0o755)
     sh("vllm/benchmark.sh", "--rounds", "2", "--num-prompts", "4", "--target", "/t", "--dataset", str(src),
-       "--result-dir", str(results), env={"PYTHON": str(python)})
+       "--result-dir", str(results), env={"PYTHON": str(bench_standin(tmp_path))})
     left = sorted(p.name for p in results.glob("vllm-*.json"))
     assert left == ["vllm-baseline-c1-r1.json", "vllm-baseline-c1-r2.json", "vllm-baseline-c4-r1.json",
                     "vllm-eagle3-c1-r1.json", "vllm-eagle3-c1-r2.json"]

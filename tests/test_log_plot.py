@@ -3,6 +3,7 @@ import json
 import pytest
 
 from log_plot import read_metrics
+from traineagle3.cli import UserError
 
 
 def test_last_record_of_a_step_wins_and_bad_lines_are_named(tmp_path):
@@ -15,7 +16,7 @@ def test_last_record_of_a_step_wins_and_bad_lines_are_named(tmp_path):
     m = read_metrics(path)
     assert [r["loss"][0] for r in m["train"]] == [3.0, 1.5] and len(m["test"]) == 1
     path.write_text(path.read_text() + "not json\n")
-    with pytest.raises(SystemExit, match="line 5"):
+    with pytest.raises(UserError, match="metrics.jsonl: line 5 is not a metrics record"):
         read_metrics(path)
 
 

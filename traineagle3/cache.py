@@ -19,21 +19,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("EAGLE3_CACHE", Path.home() / ".cache" / "eagle3-train"))
 
 
-@contextmanager
-def publish(final: Path):
-    """Yield a temporary path to build into; move it to `final` unless `final` appeared."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+def _replace(tmp: Path, final: Path) -> None:
+    """Move tmp to final; another process publishing the same entry first is no error."""
     try:
-        yield tmp
-        if not final.exists():
-            os.replace(tmp, final)  # a file may replace a file; a folder only an absent one
+        os.replace(tmp, final)  # a file may replace a file; a folder only an absent one
     except FileExistsError:
         pass
     except OSError:
         if not final.exists():
             raise
+
+
+@contextmanager
+def publish(final: Path, overwrite: bool = False):
+    """Yield a temporary path to build into; move it to `final` unless `final` appeared
+    (a cache entry, built alike by whoever came first) or `overwrite` (a command's output file)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        yield tmp
+        if overwrite or not final.exists():
+            _replace(tmp, final)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+from .cli import Parser, UserError, cli
 from .net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,12 +164,12 @@ class Demo:
         packages: its steps would be skipped as done."""
         path, now = self.out / "recipe.json", self.p | {"packages": package_versions()}
         if path.exists():
-            old = json.loads(path.read_text())
+            old = read_recipe(path)
             changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(old.keys() | now.keys())
                        if old.get(k) != now.get(k)]
             if changed:
-                raise SystemExit(f"{self.out} holds a run of another recipe ({'; '.join(changed)}): "
-                                 "remove the folder or pass --out for a new one")
+                raise UserError(f"{self.out} holds a run of another recipe ({'; '.join(changed)}): "
+                                "remove the folder or pass --out for a new one")
         self.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=2) + "\n")
 
@@ -215,6 +216,14 @@ class Demo:
         print(f"\nall outputs in {self.out}; total {time.perf_counter() - self.start:.0f} s")
 
 
+def read_recipe(path: Path) -> dict:
+    """The recipe a demo folder was made with."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not the JSON a demo wrote ({e.msg}); remove the folder or pass --out for a new one") from None
+
+
 def summary_table(offline: dict, served: dict, k: int) -> str:
     lines = [f"| prompts | offline tau | offline acceptance per position | lossless | served tau (vLLM) | "
              f"served acceptance per position | served speed-up (k={k}) |", "|---|---|---|---|---|---|---|"]
@@ -249,8 +258,9 @@ def default_out(profile: str) -> Path:
     return ROOT / "outputs" / f"demo-{profile}"
 
 
+@cli
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_const", const="quick", dest="profile", help="CI: a couple of minutes, proves every step")
     g.add_argument("--full", action="store_const", const="full", dest="profile", help="more data and training (<= 90 min)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import Parser, UserError, cli, number
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
@@ -210,36 +211,39 @@ def table(result: dict) -> str:
           for name, s in t["by_script"].items()]])
 
 
+@cli
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_model import resolve_target
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
     p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
-    p.add_argument("--num-speculative-tokens", type=int, default=3)
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-turns", type=int, default=None, help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)")
+    p.add_argument("--num-speculative-tokens", type=number(int, 1), default=3)
+    p.add_argument("--num-prompts", type=number(int, 1), default=None)
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=128)
+    p.add_argument("--max-turns", type=number(int, 1), default=None, help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--out", default="eval.json")
     args = p.parse_args(argv)
     if args.temperature != 0:
         p.error("only greedy decoding (--temperature 0) is implemented")
+    prompts = read_prompts(args.prompts, args.num_prompts, args.max_turns)  # the user's files first, before any model
+    if not prompts:
+        raise UserError(f"{args.prompts}: no usable prompts")
+    folder = find_draft_folder(args.draft)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32 if device.type == "cpu" else torch.bfloat16
     path = resolve_target(args.target)
     tokenizer = AutoTokenizer.from_pretrained(path)
     target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    folder = find_draft_folder(args.draft)
     draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
     cfg = json.loads((folder / "config.json").read_text())
     if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
         draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
-    prompts = read_prompts(args.prompts, args.num_prompts, args.max_turns)
     result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device,
                       progress=Path(args.out).stem)
     result["args"] = vars(args)

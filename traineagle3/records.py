@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .cli import UserError
+
 log = logging.getLogger(__name__)
 
 ROLES = {
@@ -67,6 +69,8 @@ class ReadReport:
 
 def normalise(record: Any) -> list[dict[str, str]]:
     """Return the record as alternating `{"role", "content"}` turns or raise BadRecord."""
+    if isinstance(record, _Unparsable):
+        raise BadRecord("invalid JSON")
     if not isinstance(record, dict):
         raise BadRecord("not a dict")
     turns = record.get("conversations", record.get("messages"))
@@ -110,7 +114,7 @@ def _iter_json_array(path: Path, report: ReadReport) -> Iterator[Any]:
         yield from data
         return
     if data is not None:
-        raise ValueError(f"{path}: expected a JSON array of records or JSON lines")
+        raise UserError(f"{path}: expected a JSON array of records or JSON lines")
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
@@ -192,8 +196,6 @@ def iter_conversations(source: str, report: ReadReport, split: str = "train",
         if limit is not None and report.kept >= limit:
             break
         try:
-            if isinstance(record, _Unparsable):
-                raise BadRecord("invalid JSON")
             conv = normalise(record)
         except BadRecord as e:
             report.skip(index, str(e))

@@ -50,15 +50,14 @@ if [[ $RUNTIME == bare ]] && vllm_cpu_installed; then
   export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
   # vLLM's CPU docs: bind OpenMP threads to the cores (by default one thread on core 0),
   # size the KV cache, preload Intel OpenMP.  float32: without AMX vLLM's bf16 linear layers
-  # fall back to slow kernels (20 vs 59 output tok/s measured on a 2-core machine).
+  # fall back to slow kernels (docs/RESULTS.md).
   export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))}"
   export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
   iomp="$($PYTHON -c 'import sys; print(sys.prefix)')/lib/libiomp5.so"
   if [[ -f "$iomp" && "${LD_PRELOAD:-}" != *libiomp5* ]]; then export LD_PRELOAD="$iomp${LD_PRELOAD:+:$LD_PRELOAD}"; fi
   [[ $DTYPE == auto ]] && DTYPE=float32
-  # Eager: torch.compile made both servers ~1.4x faster per token (49 vs 71 ms plain) but not
-  # the ratio (1.25x vs 1.38x, --full's draft, 20 prompts, one run each, 2026-12-01), and took
-  # 290 s instead of 98 s to bring both servers up.
+  # Eager: compiled graphs are faster per token but not in speed-up, and start minutes
+  # slower (docs/RESULTS.md).
   MAX_NUM_SEQS="${MAX_NUM_SEQS:-128}" ENFORCE_EAGER="${ENFORCE_EAGER:-1}"
 fi
 
