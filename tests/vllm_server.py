@@ -16,18 +16,20 @@ SERVE = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
 
 
 @contextmanager
-def vllm_server(model: Path, log_dir: Path, name: str = "smollm2"):
-    """Yield (base_url ending in /v1, stop) for a server of `model` logging under `log_dir`;
-    stop() ends it early (idempotent), and it is stopped on exit in any case."""
+def vllm_server(model: Path, log_dir: Path, name: str = "smollm2", draft: Path | None = None, extra: tuple = ()):
+    """Yield (base_url ending in /v1, stop) for a server of `model` (with the EAGLE-3 `draft`
+    if given; `extra`: more vLLM flags) logging under `log_dir`; stop() ends it early
+    (idempotent), and it is stopped on exit in any case."""
     port = free_port()
     # 2 GiB of KV cache each: some tests run two servers side by side.
     env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir), VLLM_CPU_KVCACHE_SPACE="2")
+    eagle = ["--eagle", "--draft", str(draft)] if draft else []
 
     def stop() -> None:
-        subprocess.run([*SERVE, "--stop"], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([*SERVE, *eagle[:1], "--stop"], env=env, check=True, capture_output=True, timeout=120)
 
-    subprocess.run([*SERVE, "--target", str(model), "--served-name", name, "--port", str(port),
-                    "--max-model-len", "2048"], env=env, check=True, timeout=900)
+    subprocess.run([*SERVE, *eagle, "--target", str(model), "--served-name", name, "--port", str(port),
+                    "--max-model-len", "2048", *(["--", *extra] if extra else [])], env=env, check=True, timeout=900)
     try:
         yield f"http://127.0.0.1:{port}/v1", stop
     finally:

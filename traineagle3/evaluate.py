@@ -211,6 +211,15 @@ def table(result: dict) -> str:
           for name, s in t["by_script"].items()]])
 
 
+def draft_for(folder: Path, target, device, dtype):
+    """A draft folder (as trained, or exported for either engine) on `target`, aux ids in vLLM's numbering."""
+    draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
+    cfg = json.loads((folder / "config.json").read_text())
+    if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
+        draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
+    return draft
+
+
 @cli
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -240,10 +249,7 @@ def main(argv=None) -> None:
     path = resolve_target(args.target)
     tokenizer = AutoTokenizer.from_pretrained(path)
     target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
-    cfg = json.loads((folder / "config.json").read_text())
-    if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
-        draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
+    draft = draft_for(folder, target, device, dtype)
     result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device,
                       progress=Path(args.out).stem)
     result["args"] = vars(args)
