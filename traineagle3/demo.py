@@ -24,9 +24,9 @@ import subprocess
 import sys
 import time
 import tomllib
-from importlib import metadata
 from pathlib import Path
 
+from .card import versions
 from .cli import Parser, UserError, cli
 from .net import free_port
 
@@ -244,13 +244,7 @@ def summary_table(offline: dict, served: dict, k: int) -> str:
 
 def package_versions() -> dict:
     """The versions of the packages the demo's data and target come from (None: not installed)."""
-    versions = {}
-    for name in DATA_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return versions(DATA_PACKAGES)
 
 
 def default_out(profile: str) -> Path:
