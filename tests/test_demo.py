@@ -58,6 +58,9 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
         assert rows["eagle3"]["speedup"] > 0 and rows["baseline"]["acceptance_length"] is None
         assert len(rows["eagle3"]["speedup_per_round"]) == p["served_rounds"] == 2  # interleaved rounds
         assert "x (rounds: " in summary.split(f"| {name} (")[1].splitlines()[0]
+    verified = json.loads((out / "verify.json").read_text())  # the served draft is the trained one
+    assert verified["failures"] == [] and set(verified["checks"]) == {"config", "template", "mask", "greedy", "acceptance"}
+    assert "- PASS acceptance: served tau" in summary
     assert not list((out / "serve").glob("*.pid"))  # both servers stopped
 
 

