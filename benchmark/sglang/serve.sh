@@ -26,7 +26,7 @@ $COMMON_FLAGS
   --num-draft-tokens N         [NUM_DRAFT_TOKENS] --speculative-num-draft-tokens = 4
   --mem-fraction-static F      [MEM_FRACTION_STATIC] = SGLang's
   --max-total-tokens N         [MAX_TOTAL_TOKENS] = SGLang's
-  --cuda-graph-max-bs N        [CUDA_GRAPH_MAX_BS] = SGLang's
+  --cuda-graph-max-bs N        [CUDA_GRAPH_MAX_BS] --cuda-graph-max-bs-decode = SGLang's
 EOT
 }
 
@@ -50,7 +50,7 @@ CMD=(python3 -m sglang.launch_server --model-path "$TARGET" --served-model-name 
 [[ -n "$ATTENTION_BACKEND" ]] && CMD+=(--attention-backend "$ATTENTION_BACKEND")
 [[ -n "$MEM_FRACTION_STATIC" ]] && CMD+=(--mem-fraction-static "$MEM_FRACTION_STATIC")
 [[ -n "$MAX_TOTAL_TOKENS" ]] && CMD+=(--max-total-tokens "$MAX_TOTAL_TOKENS")
-[[ -n "$CUDA_GRAPH_MAX_BS" ]] && CMD+=(--cuda-graph-max-bs "$CUDA_GRAPH_MAX_BS")
+[[ -n "$CUDA_GRAPH_MAX_BS" ]] && CMD+=(--cuda-graph-max-bs-decode "$CUDA_GRAPH_MAX_BS")
 if [[ $EAGLE == 1 ]]; then
   [[ $DRY == 1 || -f "$DRAFT/config.json" ]] || die "no EAGLE-3 draft at $DRAFT (export one: python -m traineagle3.export --engine sglang ...)"
   CMD+=(--speculative-algorithm EAGLE3 --speculative-draft-model-path "$DRAFT" --speculative-num-steps "$NUM_STEPS"
