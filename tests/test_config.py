@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_env
+from traineagle3.cli import UserError
 from traineagle3.config import add_arguments, from_args
 
 
@@ -35,6 +36,28 @@ def test_unknown_or_invalid_fields_are_refused(tmp_path):
         parse(["--draft_init", "zeros"])
     with pytest.raises(ValueError, match="train_on"):
         parse(["--train_on", "prompts"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"max_length": "1024"}, "max_length must be int, not '1024'"),
+    ({"aux_layers": [1, 2.5, 3]}, "aux_layers must be list[int] | None"),
+    ({"resume": 1}, "resume must be bool, not 1"),
+    ({"loss_type": "kl"}, "loss_type must be one of soft, hard, not 'kl'"),
+    ({"ttt_steps": 0}, "ttt_steps must be at least 1, not 0"),
+    ({"test_fraction": 1.0}, "test_fraction must be below 1"),
+])
+def test_a_wrong_value_in_the_config_file_names_the_file(tmp_path, fields, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(UserError) as e:
+        parse(["--config", str(path)])
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_a_wrong_flag_value_names_the_flag():
+    with pytest.raises(UserError, match="^--epochs: epochs must be at least 1, not 0$"):
+        parse(["--epochs", "0"])
+    assert parse(["--max_steps", "none"]).max_steps is None
 
 
 def test_main_help_documents_every_option():

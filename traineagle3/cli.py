@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
+from pathlib import Path
 
 FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -34,6 +36,18 @@ def number(kind: type, low: float, high: float | None = None):
         return value
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
     return convert
+
+
+def read_json_object(path) -> dict:
+    """A file holding one JSON object (a config); a missing file raises FileNotFoundError,
+    anything else than a JSON object a UserError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
 
 
 def cli(main):

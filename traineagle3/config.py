@@ -8,10 +8,9 @@ Optimizer, batch sizes, precision and ZeRO stage live in the DeepSpeed config.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 
+from .cli import UserError, read_json_object
 from .feature_cache import DTYPES
 from .tracking import REPORTERS
 from .ttt import IMPLS
@@ -55,6 +54,23 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
 
 
+# fields whose value is one of a few words, and the least value of numeric fields: checked
+# whether the value came from --config or a flag, so a typo fails before any work
+CHOICES = {
+    "target_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "too_long": ("truncate", "drop"),
+    "aux_layer_numbering": ("vllm", "sglang"),
+    "draft_init": ("target", "random"),
+    "train_on": ("assistant", "all"),
+    "loss_type": ("soft", "hard"),
+    "ttt_impl": IMPLS,
+    "feature_cache_dtype": DTYPES,
+    "report_to": REPORTERS,
+}
+MINIMUM = {"test_fraction": 0, "max_records": 1, "max_length": 1, "num_proc": 1, "draft_vocab_size": 1, "feature_noise": 0,
+           "ttt_steps": 1, "ttt_decay": 0, "epochs": 1, "max_steps": 1, "save_every": 1, "keep_checkpoints": 1, "log_every": 1}
+
+
 def _parse_value(kind, text: str):
     kind = str(kind)
     if text.lower() in ("none", "null") and "None" in kind:
@@ -72,38 +88,52 @@ def _parse_value(kind, text: str):
     return text
 
 
+def _is_a(kind: str, value) -> bool:
+    """Whether a value read from a JSON config file has the field's type."""
+    if value is None or isinstance(value, bool):
+        return "None" in kind if value is None else "bool" in kind
+    if "list" in kind:
+        return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    if "int" in kind:
+        return isinstance(value, int)
+    if "float" in kind:
+        return isinstance(value, (int, float))
+    return "str" in kind and isinstance(value, str)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON file of TrainConfig fields (then flags override it)")
     for f in fields(TrainConfig):
         default = None if f.default is MISSING else f.default
         flag = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
-        parser.add_argument(f"--{f.name}", type=lambda s, k=f.type: _parse_value(k, s), default=argparse.SUPPRESS,
+        convert = lambda s, k=f.type: _parse_value(k, s)  # noqa: E731
+        convert.__name__ = str(f.type).replace(" | None", "")  # argparse names it in "invalid int value"
+        parser.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS,
                             help=f"{f.metadata.get('help', '')} (default: {default})", **flag)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {}
-    if getattr(args, "config", None):
-        values.update(json.loads(Path(args.config).read_text()))
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{args.config}: unknown config fields {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items() if k in known})
-    cfg = TrainConfig(**values)
-    if cfg.too_long not in ("truncate", "drop"):
-        raise ValueError(f"too_long must be 'truncate' or 'drop', not {cfg.too_long!r}")
-    if cfg.ttt_impl not in IMPLS:
-        raise ValueError(f"ttt_impl must be one of {IMPLS}, not {cfg.ttt_impl!r}")
-    if cfg.draft_init not in ("target", "random"):
-        raise ValueError(f"draft_init must be 'target' or 'random', not {cfg.draft_init!r}")
-    if cfg.train_on not in ("assistant", "all"):
-        raise ValueError(f"train_on must be 'assistant' or 'all', not {cfg.train_on!r}")
-    if cfg.feature_cache_dtype not in DTYPES:
-        raise ValueError(f"feature_cache_dtype must be one of {DTYPES}, not {cfg.feature_cache_dtype!r}")
-    if cfg.report_to not in REPORTERS:
-        raise ValueError(f"report_to must be one of {REPORTERS}, not {cfg.report_to!r}")
-    return cfg
+    """The config of defaults, then --config's fields, then flags; a wrong name, type or value
+    is a UserError naming the file or the flag it came from."""
+    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
+    values = read_json_object(args.config) if getattr(args, "config", None) else {}
+    origin = dict.fromkeys(values, args.config)
+    for name, value in values.items():
+        if name not in kinds:
+            raise UserError(f"{args.config}: {name!r} is not a config field (see main.py --help)")
+        if not _is_a(kinds[name], value):
+            raise UserError(f"{args.config}: {name} must be {kinds[name]}, not {value!r}")
+    flags = {k: v for k, v in vars(args).items() if k in kinds}
+    values.update(flags)
+    origin.update({k: f"--{k}" for k in flags})
+    for name, value in values.items():
+        if name in CHOICES and value not in CHOICES[name]:
+            raise UserError(f"{origin[name]}: {name} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+        if name in MINIMUM and value is not None and value < MINIMUM[name]:
+            raise UserError(f"{origin[name]}: {name} must be at least {MINIMUM[name]}, not {value!r}")
+    if values.get("test_fraction", 0) >= 1:
+        raise UserError(f"{origin['test_fraction']}: test_fraction must be below 1, not {values['test_fraction']!r}")
+    return TrainConfig(**values)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

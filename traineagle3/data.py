@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from .cache import publish
+from .cli import UserError
 from .records import BadRecord, read_conversations, resolve_source, split_key
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ def load_tokenized(cfg: DataConfig, tokenizer, cache_dir: Path):
         return datasets.load_from_disk(str(path / "data")), json.loads((path / "counts.json").read_text())
     convs, report = read_conversations(cfg.source, cfg.split, cfg.max_records)
     log.info(report.summary())
+    if not convs:
+        raise UserError(f"{report.summary()}: no usable conversations")
     raw = datasets.Dataset.from_dict({"messages": convs})
     tokenized = raw.map(
         _tokenize_batch,

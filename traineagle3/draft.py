@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from .cli import UserError, read_json_object
 from .ttt import TTTResult, repeat_kv, ttt_unroll
 
 DERIVED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -61,7 +62,7 @@ def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: lis
     ids = list(aux_layer_ids)
     if len(ids) != 3 or ids != sorted(set(ids)) or not all(1 <= i < L for i in ids):
         # engines capture in layer order, once per layer, and vLLM cannot capture layer 0's input
-        raise ValueError(f"need 3 distinct ascending aux layer ids in [1, {L}) (vLLM numbering), got {ids}; "
+        raise UserError(f"need 3 distinct ascending aux layer ids in [1, {L}) (vLLM numbering), got {ids}; "
                          "for a shallow target pass --aux_layers")
     cfg = LlamaConfig(
         **fields,
@@ -78,7 +79,8 @@ def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: lis
 
 
 def load_overrides(path: str | None) -> dict:
-    return json.loads(Path(path).read_text()) if path else {}
+    """The fields of a --draft_config file (a JSON object), read before any model loads."""
+    return read_json_object(path) if path else {}
 
 
 class KVCache:

@@ -154,6 +154,15 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def source_path(source: str) -> Path:
+    """The file a source names; a source that reads as a file name and is none is a FileNotFoundError
+    (checked before a run's expensive work), anything else is taken for a HF dataset name."""
+    path = Path(resolve_source(source))
+    if not path.is_file() and (path.suffix in (".json", ".jsonl", ".parquet") or source.startswith(("/", "./", "../"))):
+        raise FileNotFoundError(f"{source}: no such file")
+    return path
+
+
 def _iter_parquet(path: Path) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
@@ -167,9 +176,7 @@ def iter_raw(source: str, split: str = "train", report: ReadReport | None = None
     A gated HF dataset uses the token of the environment (HF_TOKEN) or `hf auth login`.
     """
     report = report or ReadReport(source)
-    path = Path(resolve_source(source))
-    if not path.is_file() and (path.suffix in (".json", ".jsonl", ".parquet") or source.startswith(("/", "./", "../"))):
-        raise FileNotFoundError(f"{source}: no such file")
+    path = source_path(source)
     if path.suffix == ".parquet":
         yield from _iter_parquet(path)
     elif path.is_file():

@@ -27,15 +27,17 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from traineagle3 import checkpoint, tracking
+from traineagle3.cli import Parser, UserError, cli, read_json_object
 from traineagle3.config import TrainConfig, add_arguments, from_args, to_dict
 from traineagle3.data import DataConfig, collate, dataset_key, epoch_batches, load_tokenized, split_train_test
 from traineagle3.cache import cache_root
-from traineagle3.default_model import resolve_target
+from traineagle3.default_model import DEFAULT_TARGET, resolve_target
 from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
 from traineagle3.feature_cache import cache_folder, cache_parts, ensure_cache
 from traineagle3.features import Features, TargetFeatures, add_feature_noise, draft_rows
 from traineagle3.metrics import MetricsLog, StepStats, peak_memory
 from traineagle3.net import free_port
+from traineagle3.records import source_path
 from traineagle3.target_tensors import embedding_and_head, final_norm
 from traineagle3.vocab import build_vocab_map, load_or_build, vocab_key
 
@@ -43,11 +45,33 @@ log = logging.getLogger("traineagle3")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_arguments(parser)
     deepspeed.add_config_arguments(parser)
     return parser.parse_args(argv)
+
+
+def read_ds_config(path: str | None) -> dict:
+    """The user's DeepSpeed config; it must give the micro batch size, which sizes the data split."""
+    if not path:
+        raise UserError("--deepspeed_config is required (e.g. ds_config.json; see --help)")
+    ds = read_json_object(path)
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or micro < 1:
+        raise UserError(f"{path}: train_micro_batch_size_per_gpu must be a whole number of at least 1, not {micro!r}")
+    return ds
+
+
+def check_target(name: str) -> None:
+    """A target that names a folder must hold a model's config.json; any other name is a Hub model's."""
+    path = Path(name).expanduser()
+    if name == DEFAULT_TARGET or (path.is_dir() and (path / "config.json").is_file()):
+        return
+    if path.is_dir():
+        raise UserError(f"{name}: no config.json: not a model folder")
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise UserError(f"{name}: no such model folder")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -77,20 +101,39 @@ def fill_schedule(ds: dict, total_steps: int) -> dict:
 
 
 def local_rank0_first(fn):
-    """Build a cache on each node's first rank, then let the node's other ranks read it."""
+    """Build a cache on each node's first rank, then let the node's other ranks read it.
+
+    A user's mistake that a first rank finds ends every rank with its one line (exit status
+    2), not the others with a traceback from a barrier whose peer is gone."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    error = None
     if first:
-        out = fn()
-    dist.barrier()
+        try:
+            out = fn()
+        except UserError as e:
+            error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # also the barrier before the other ranks read
+    if error := next(filter(None, errors), None):
+        raise UserError(error)
     if not first:
         out = fn()
     return out
 
 
+@cli
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg: TrainConfig = from_args(args)
     tracking.require(cfg.report_to)
+    # the user's files, checked before the process group, the data and the models
+    ds = read_ds_config(args.deepspeed_config)
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1)
+    check_target(cfg.target)
+    for source in (cfg.train_data, cfg.test_data):
+        if source:
+            source_path(source)
+    overrides = load_overrides(cfg.draft_config)
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.info("%d rank(s) on %s, %d CPU threads each (OMP_NUM_THREADS)", world, device, torch.get_num_threads())
@@ -99,7 +142,10 @@ def main(argv=None) -> None:
 
     # data
     target_path = local_rank0_first(lambda: resolve_target(cfg.target))
-    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target_path)
+    except OSError as e:  # a Hub name that is no model, or no network: transformers says which
+        raise UserError(f"{cfg.target}: {str(e).splitlines()[0]}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def tokenized(source, split):
@@ -119,6 +165,10 @@ def main(argv=None) -> None:
         samples = (ids for batch in train_ds.iter(batch_size=1024) for ids in batch["input_ids"])
         train_idx, test_idx = split_train_test(samples, cfg.test_fraction, cfg.seed)
         key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
+    steps_per_epoch = len(train_idx) // (micro * accum * world)
+    if steps_per_epoch == 0:
+        raise UserError(f"{cfg.train_data}: {len(train_idx)} training samples do not fill one global batch of "
+                        f"{micro * accum * world} (micro batch x accumulation x ranks of {args.deepspeed_config})")
 
     # target, vocabulary, draft
     target_dtype = cfg.target_dtype if cfg.target_dtype != "auto" else "float32" if device.type == "cpu" else "bfloat16"
@@ -134,11 +184,9 @@ def main(argv=None) -> None:
         cache, vocab_key(key, target_path, tcfg.vocab_size, cfg.draft_vocab_size),
         lambda: build_vocab_map((train_ds[i]["input_ids"] for i in train_idx), (train_ds[i]["loss_mask"] for i in train_idx),
                                 tcfg.vocab_size, cfg.draft_vocab_size)))
-    draft_cfg = derive_draft_config(tcfg, vocab.draft_vocab_size, aux, load_overrides(cfg.draft_config))
+    draft_cfg = derive_draft_config(tcfg, vocab.draft_vocab_size, aux, overrides)
     if draft_cfg.hidden_size != tcfg.hidden_size:
-        raise ValueError("the draft shares the target's token embedding: its hidden_size must be the target's")
-    ds = json.loads(Path(args.deepspeed_config).read_text())
-    micro, accum = ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1)
+        raise UserError(f"{cfg.draft_config}: hidden_size must be the target's, {tcfg.hidden_size}: the draft shares its token embedding")
     if cfg.feature_cache:
         caches, by_key = {}, {}  # one cache per data set: train and test share it when test is held out of train_data
         for split, dataset, data_key in [("train", train_ds, train_key), ("test", test_ds, test_key)]:
@@ -178,9 +226,6 @@ def main(argv=None) -> None:
         draft.init_from_target(draft_head, final_norm(target_path))
 
     # engine
-    steps_per_epoch = len(train_idx) // (micro * accum * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_idx)} training samples do not fill one global batch of {micro * accum * world}")
     fill_schedule(ds, cfg.epochs * steps_per_epoch)
     # max_steps only stops early: the LR schedule stays that of the whole run, so a
     # run stopped by it and resumed without it trains exactly like one never stopped
