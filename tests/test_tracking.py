@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import time
 
 import pytest
 
@@ -53,8 +54,12 @@ def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
     log_records("wandb", tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    tags = [tag.encode() for tag in ("train/loss/1", "test/tau", "train/tokens_per_s")]
+    deadline = time.monotonic() + 30  # W&B's service process may still be writing after finish() returns
+    while not all(tag in runs[0].read_bytes() for tag in tags) and time.monotonic() < deadline:
+        time.sleep(0.2)
     data = runs[0].read_bytes()  # W&B's own record format: the keys are stored as they are
-    assert all(tag.encode() in data for tag in ("train/loss/1", "test/tau", "train/tokens_per_s"))
+    assert all(tag in data for tag in tags)
 
 
 def test_a_missing_package_is_one_line_and_exit_2(monkeypatch, capsys):
