@@ -63,10 +63,13 @@ def test_forced_decoding_counts_acceptance_along_another_decoders_output(tiny_ta
     spec = speculative(target, hooks, draft, prompt, 24, 3, eos=set())
     again = speculative(target, hooks, draft, prompt, 24, 3, eos=set(), forced=base.tokens)
     assert again.tokens == base.tokens and again.accepted == spec.accepted
-    draft.lm_head.weight.data.zero_()  # the draft now always proposes token 0
-    forced = [5, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0]
-    out = speculative(target, hooks, draft, prompt, 50, 3, eos=set(), forced=forced)
-    assert out.tokens == forced and out.accepted == [3, 3, 1]  # the last round: 2 tokens left
+    target, draft = setup(tiny_target, torch.arange(1, 1001))  # draft token 0 is the target's token 1
+    target.lm_head.weight.data.zero_()  # the target always says 0
+    draft.lm_head.weight.data.zero_()  # the draft always proposes 1
+    forced = [5, 1, 1, 1, 1, 1, 1, 1, 7, 1]
+    out = speculative(target, AuxHooks(target, [1, 2, 3]), draft, prompt, 50, 3, eos=set(), forced=forced)
+    # the last round checks its guesses past the forced end with the target (1, then 0s): as a server at max_tokens
+    assert out.tokens == forced and out.accepted == [3, 3, 1]
 
 
 def test_prompt_files_mt_bench_and_sharegpt(tmp_path):

@@ -6,28 +6,71 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, export_random_draft, run_env
+from conftest import ROOT, run_env
 from traineagle3 import verify
 from vllm_server import vllm_server
 
 MT_BENCH = ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"
+PROMPTS, TOKENS = 3, 24
+
+
+def overfit_draft(target_path, out, steps: int = 100):
+    """A draft trained on the target's own greedy answers to the test's prompts, so that it is
+    accepted often there: a wrong aux layer then shows as a real drop in acceptance."""
+    from traineagle3.checkpoint import save_draft_folder
+    from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
+    from traineagle3.evaluate import _eos_ids, greedy, read_prompts
+    from traineagle3.export import export
+    from traineagle3.features import TargetFeatures
+    from traineagle3.target_tensors import final_norm
+    from traineagle3.vocab import build_vocab_map
+
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(target_path)
+    samples = []
+    for p in read_prompts(str(MT_BENCH), PROMPTS, max_turns=1):
+        text = tok.apply_chat_template([{"role": "user", "content": p["turns"][0]}], tokenize=False, add_generation_prompt=True)
+        prompt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        answer = greedy(target, prompt, TOKENS, _eos_ids(target, tok)).tokens
+        samples.append(torch.cat([prompt, torch.tensor([answer])], 1))
+    aux = default_aux_layers(target.config.num_hidden_layers)
+    vocab = build_vocab_map([s[0].tolist() for s in samples], [[1] * s.shape[1] for s in samples], target.config.vocab_size, 4000)
+    features = TargetFeatures(target, aux, vocab)
+    feats = [features(s) for s in samples]
+    torch.manual_seed(0)
+    draft = Eagle3Draft(derive_draft_config(target.config, vocab.draft_vocab_size, aux))
+    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
+    draft.d2t.copy_(vocab.d2t)
+    draft.t2d.copy_(vocab.t2d)
+    draft.init_from_target(features.draft_head, final_norm(target_path))
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        for s, f in zip(samples, feats):
+            loss = draft(f.aux_hidden, s, torch.ones_like(s), f.teacher, f.teacher_ok, steps=3).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_draft_folder(draft.state_dict(), draft.config, out / "trained")
+    return export(out / "trained", str(target_path), "vllm", out / "vllm")
 
 
 @pytest.fixture(scope="module")
 def servers(smol_path, tmp_path_factory):
-    """A random draft, exported; the plain and the EAGLE-3 server of the default target."""
+    """A draft overfit on the prompts' answers, exported; the plain and the EAGLE-3 server of the default target."""
     tmp = tmp_path_factory.mktemp("verify")
-    folders = export_random_draft(smol_path, tmp)
+    draft = overfit_draft(smol_path, tmp)
     with vllm_server(smol_path, tmp / "logs") as (base_url, _), \
-            vllm_server(smol_path, tmp / "logs", draft=folders["vllm"]) as (eagle_url, _):
-        yield {"tmp": tmp, "draft": folders["vllm"], "trained": tmp / "trained", "base": base_url, "eagle": eagle_url}
+            vllm_server(smol_path, tmp / "logs", draft=draft) as (eagle_url, _):
+        yield {"tmp": tmp, "draft": draft, "trained": tmp / "trained", "base": base_url, "eagle": eagle_url}
 
 
 def run(servers, out, *extra, eagle=None, base=None, draft=None):
     return verify.main(["--target", "smollm2-135m-instruct", "--draft", str(draft or servers["draft"]),
-                        "--trained", str(servers["trained"]), "--prompts", str(MT_BENCH), "--num-prompts", "3",
-                        "--max-tokens", "24", "--base-url", eagle or servers["eagle"],
+                        "--trained", str(servers["trained"]), "--prompts", str(MT_BENCH), "--num-prompts", str(PROMPTS),
+                        "--max-tokens", str(TOKENS), "--base-url", eagle or servers["eagle"],
                         "--baseline-url", base or servers["base"], "--out", str(out), *extra])
 
 
@@ -39,6 +82,7 @@ def test_a_draft_served_as_trained_passes(servers, tmp_path, capsys):
         {"config": True, "template": True, "mask": True, "greedy": True, "acceptance": True}
     rows = report["prompts"]
     assert len(rows) == 3 and all(r["drafts"] > 0 and 0 < len(r["output"]) <= 24 for r in rows)  # the server drafted
+    assert report["acceptance"]["total"]["served_tau"] > 2  # the overfit draft is accepted: a gap would show
     assert all(r["prompt_ids"] == r["trained_prompt_ids"] for r in rows)
     # offline, forced along the served output, decodes the same number of rounds as the server drafted
     assert sum(len(r["offline_accepted"]) for r in rows) == pytest.approx(sum(r["drafts"] for r in rows), abs=3)
@@ -58,6 +102,22 @@ def test_a_served_system_prompt_that_training_did_not_have_fails_the_template_au
     line = next(x for x in report["failures"] if x.startswith("template:"))
     assert "Helper" in line and "SmolLM" in line and "3 of 3 prompts differ" in line  # both texts, at the difference
     assert "FAIL template" in out
+
+
+def test_a_draft_exported_with_the_other_engines_layer_numbering_fails_on_acceptance(servers, smol_path, tmp_path):
+    """SGLang's ids ("output of layer k", one less) in vLLM's key: the draft loads, drafts, and is rejected more."""
+    wrong = tmp_path / "wrong"
+    shutil.copytree(servers["draft"], wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    with vllm_server(smol_path, tmp_path / "logs", draft=wrong) as (url, _):
+        assert run(servers, tmp_path / "v.json", eagle=url, draft=wrong) == 1
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert [name for name, c in report["checks"].items() if not c["ok"]] == ["acceptance"]  # still lossless
+    total = report["acceptance"]["total"]  # the served draft is another function of the target's states
+    assert abs(total["served_tau"] - total["offline_tau"]) > 0.1
+    assert report["failures"][0].startswith("acceptance: position ")
 
 
 def test_a_draft_shorter_than_the_served_length_is_refused(servers, tmp_path):

@@ -98,11 +98,12 @@ def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: i
         verify = torch.tensor([[x] + proposals], device=dev)  # positions n..n+k
         hidden = target.model(input_ids=verify, past_key_values=cache, use_cache=True).last_hidden_state
         aux = hooks.take()
-        best, limit = target.lm_head(hidden[0]).argmax(-1).tolist(), k
-        if forced is not None:  # near its end a round can only accept what is left of it
-            best, limit = forced[len(out):len(out) + k + 1], min(k, len(forced) - len(out) - 1)
+        best = target.lm_head(hidden[0]).argmax(-1).tolist()
+        if forced is not None:  # past its end the target decides, as a server checks guesses past max_tokens
+            given = forced[len(out):len(out) + k + 1]
+            best = given + best[len(given):]
         a = 0
-        while a < limit and best[a] == proposals[a]:
+        while a < k and best[a] == proposals[a]:
             a += 1
         accepted.append(a)
         new = proposals[:a] + [best[a]]
