@@ -184,34 +184,25 @@ class Verifier:
                          "sample": (ids, mask)})
         return rows
 
-    def offline(self, row: dict) -> list[int]:
+    def offline(self, rows: list[dict]) -> None:
+        """Each row's drafts accepted per round, offline, forced along the served output."""
         from .evaluate import _eos_ids
         from .features import AuxHooks
 
         hooks = AuxHooks(self.target, self.draft.config.eagle_aux_hidden_state_layer_ids)
+        eos = _eos_ids(self.target, self.tokenizer)
         try:
-            prompt = torch.tensor([row["prompt_ids"]])
-            gen = speculative(self.target, hooks, self.draft, prompt, len(row["output"]), self.args.k,
-                              _eos_ids(self.target, self.tokenizer), forced=row["output"])
+            for r in rows:
+                gen = speculative(self.target, hooks, self.draft, torch.tensor([r["prompt_ids"]]), len(r["output"]),
+                                  self.args.k, eos, forced=r["output"])
+                r["offline_accepted"] = gen.accepted
         finally:
             hooks.remove()
-        return gen.accepted
 
     def acceptance(self, rows: list[dict]) -> None:
-        k, groups = self.args.k, {}
-        for r in rows:
-            r["offline_accepted"] = self.offline(r)
-            g = groups.setdefault(r["script"], {"prompts": 0, "drafts": 0.0, "accepted": [0.0] * k, "offline": []})
-            g["prompts"] += 1
-            g["drafts"] += r["drafts"]
-            g["accepted"] = [a + b for a, b in zip(g["accepted"], r["accepted"])]
-            g["offline"] += r["offline_accepted"]
-        table, drafts, accepted, offline_all = {}, 0.0, [0.0] * k, []
-        for name, g in sorted(groups.items()):
-            table[name] = self.summary(g["prompts"], g["drafts"], g["accepted"], g["offline"])
-            drafts, offline_all = drafts + g["drafts"], offline_all + g["offline"]
-            accepted = [a + b for a, b in zip(accepted, g["accepted"])]
-        total = self.summary(len(rows), drafts, accepted, offline_all)
+        self.offline(rows)
+        total = self.summary(rows)
+        table = {name: self.summary([r for r in rows if r["script"] == name]) for name in sorted({r["script"] for r in rows})}
         self.report["acceptance"] = {"total": total, "by_script": table, "tolerance": self.args.tolerance}
         print("| prompts | served tau | served acceptance | offline tau | offline acceptance |\n|---|---|---|---|---|")
         for name, s in [("all", total), *table.items()]:
@@ -221,10 +212,12 @@ class Verifier:
                    f"served tau {total['served_tau']:.3f} vs offline {total['offline_tau']:.3f}, every position "
                    f"within {self.args.tolerance}")
 
-    def summary(self, prompts: int, drafts: float, accepted: list[float], offline: list[int]) -> dict:
-        off = summarize(offline, self.args.k)
-        served = [a / drafts if drafts else 0.0 for a in accepted]
-        return {"prompts": prompts, "drafts": drafts, "served": served, "served_tau": 1 + sum(served),
+    def summary(self, rows: list[dict]) -> dict:
+        """Served and offline acceptance of `rows` together: served from the summed counts."""
+        drafts = sum(r["drafts"] for r in rows)
+        served = [sum(r["accepted"][i] for r in rows) / drafts if drafts else 0.0 for i in range(self.args.k)]
+        off = summarize([a for r in rows for a in r["offline_accepted"]], self.args.k)
+        return {"prompts": len(rows), "drafts": drafts, "served": served, "served_tau": 1 + sum(served),
                 "offline": off["acceptance_per_position"], "offline_tau": off["tau"]}
 
     def run(self, prompts: list[dict]) -> None:
