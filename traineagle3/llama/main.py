@@ -26,7 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from traineagle3 import checkpoint, tracking
+from traineagle3 import checkpoint, precision, tracking
 from traineagle3.cli import Parser, UserError, cli, read_json_object
 from traineagle3.config import TrainConfig, add_arguments, from_args, to_dict
 from traineagle3.data import DataConfig, collate, dataset_key, epoch_batches, load_tokenized, split_train_test
@@ -171,7 +171,9 @@ def main(argv=None) -> None:
                         f"{micro * accum * world} (micro batch x accumulation x ranks of {args.deepspeed_config})")
 
     # target, vocabulary, draft
-    target_dtype = cfg.target_dtype if cfg.target_dtype != "auto" else "float32" if device.type == "cpu" else "bfloat16"
+    target_dtype, why = precision.choose(device.type, cfg.target_dtype)
+    cache_dtype = target_dtype if cfg.feature_cache_dtype == "auto" else cfg.feature_cache_dtype
+    log.info("target in %s (%s)%s", target_dtype, why, f"; feature cache in {cache_dtype}" if cfg.feature_cache else "")
     target_config = AutoConfig.from_pretrained(target_path)
     tcfg = getattr(target_config, "text_config", target_config)
 
@@ -191,7 +193,7 @@ def main(argv=None) -> None:
         caches, by_key = {}, {}  # one cache per data set: train and test share it when test is held out of train_data
         for split, dataset, data_key in [("train", train_ds, train_key), ("test", test_ds, test_key)]:
             if data_key not in by_key:
-                parts = cache_parts(data_key, target_path, target_dtype, aux, vocab, cfg.feature_cache_dtype)
+                parts = cache_parts(data_key, target_path, target_dtype, aux, vocab, cache_dtype)
                 by_key[data_key] = ensure_cache(
                     cache_folder(cache, parts), parts, dataset, lambda: TargetFeatures(load_target(), aux, vocab).hidden,
                     hidden_size=tcfg.hidden_size, aux_size=len(aux) * tcfg.hidden_size, batch_size=micro, pad_id=pad_id,
@@ -227,11 +229,13 @@ def main(argv=None) -> None:
 
     # engine
     fill_schedule(ds, cfg.epochs * steps_per_epoch)
+    precision.fill_deepspeed(ds, target_dtype)
     # max_steps only stops early: the LR schedule stays that of the whole run, so a
     # run stopped by it and resumed without it trains exactly like one never stopped
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 1 << 62)
     engine, *_ = deepspeed.initialize(model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    log.info("draft trains in %s (the DeepSpeed config's bf16/fp16)", str(dtype).removeprefix("torch."))
 
     state = {"global_step": 0, "epoch": 0, "batches_done": 0}
     if cfg.resume and (ckpt := checkpoint.latest_complete(out)):
