@@ -160,7 +160,7 @@ def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
 def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
     """Two answers [3, 9) and [11, 14): rounds from 2, 2+run+1, ... while the round drafts
     an answer token; positions outside the answers are never a round's start."""
-    from traineagle3.ttt import replay_rounds
+    from traineagle3.acceptance import replay_rounds
 
     run = [3, 3, 1, 3, 0, 2, 0, 0, 3, 3, 1, 3, 3, 0]
     answer = [i in range(3, 9) or i in range(11, 14) for i in range(16)]
@@ -172,7 +172,7 @@ def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
 def test_round_stats_and_the_offline_evaluator_count_rounds_alike():
     """Rounds accepting 0, 0, 1, 3 drafts (k = 3): tau 2 = 8 tokens / 4 rounds; P(> i accepted)."""
     from traineagle3.evaluate import summarize
-    from traineagle3.ttt import round_stats
+    from traineagle3.acceptance import round_stats
 
     rounds, tau, rates = round_stats(torch.tensor([2.0, 1.0, 0.0, 1.0]))
     assert (rounds, tau) == (4, 2.0) and rates == [0.5, 0.25, 0.25]

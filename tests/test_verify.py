@@ -22,9 +22,10 @@ def overfit_draft(target_path, out, steps: int = 100):
     accepted often there: a wrong aux layer then shows as a real drop in acceptance."""
     from traineagle3.checkpoint import save_draft_folder
     from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
-    from traineagle3.evaluate import _eos_ids, greedy, read_prompts
+    from traineagle3.evaluate import _eos_ids, greedy
     from traineagle3.export import export
     from traineagle3.features import TargetFeatures
+    from traineagle3.records import read_prompts
     from traineagle3.target_tensors import final_norm
     from traineagle3.vocab import build_vocab_map
 
