@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, run_env
-from traineagle3.draft import Eagle3Draft, derive_draft_config
+from traineagle3.draft import Eagle3Draft
 from traineagle3.evaluate import evaluate, greedy, speculative
 from traineagle3.features import AuxHooks
 from traineagle3.records import read_prompts
@@ -21,10 +21,8 @@ def setup(tiny_target, draft_vocab, seed=0):
     target.lm_head.weight.data *= 30  # a confident target: varied greedy text, no near-ties
     vm = VocabMap(draft_vocab, target.config.vocab_size)
     torch.manual_seed(seed)
-    draft = Eagle3Draft(derive_draft_config(target.config, vm.draft_vocab_size, [1, 2, 3])).double().eval()
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
-    draft.d2t.copy_(vm.d2t)
-    draft.t2d.copy_(vm.t2d)
+    draft = Eagle3Draft.from_target(target.config, vm, [1, 2, 3], target.get_input_embeddings().weight.data,
+                                    dtype=torch.float64).eval()
     return target, draft
 
 

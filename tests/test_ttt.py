@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from traineagle3.draft import Eagle3Draft, KVCache, derive_draft_config
+from traineagle3.draft import Eagle3Draft, KVCache
 from traineagle3.features import TargetFeatures
 from traineagle3.ttt import ttt_attention
 from traineagle3.vocab import VocabMap
@@ -39,12 +39,7 @@ def test_ttt_attention_matches_slow_reference(steps):
 
 def tiny_draft(target, vocab, seed=0):
     torch.manual_seed(seed)
-    cfg = derive_draft_config(target.config, vocab.draft_vocab_size, [1, 2, 3])
-    draft = Eagle3Draft(cfg)
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
-    draft.d2t.copy_(vocab.d2t)
-    draft.t2d.copy_(vocab.t2d)
-    return draft
+    return Eagle3Draft.from_target(target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data)
 
 
 def serve_step(draft, token, hidden, pos, K, V):
