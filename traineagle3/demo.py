@@ -129,10 +129,9 @@ class Demo:
     def evaluate(self, prompt_sets: dict) -> dict:
         """One process per prompt set, side by side with a share of the cores each.
 
-        Decoding one sequence in HF is mostly Python overhead: two 1-thread processes each
-        ran at ~85 ms/token here where one 2-thread process ran at ~80.  Plain and
-        speculative decoding alternate per prompt inside a process, so each ratio compares
-        like with like.
+        Decoding one sequence in HF is mostly Python overhead, so a 1-thread process decodes
+        nearly as fast as a 2-thread one (docs/RESULTS.md).  Plain and speculative decoding
+        alternate per prompt inside a process, so each ratio compares like with like.
         """
         todo = {name: path for name, path in prompt_sets.items() if not (self.out / f"eval_{name}.json").exists()}
         env = dict(self.env, OMP_NUM_THREADS=str(max((os.cpu_count() or 1) // max(len(todo), 1), 1)))

@@ -20,7 +20,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if get_accelerator().device_name() == "cpu" and os.environ.get("WORLD_SIZE") == "1":
         # One CPU rank has no peer to all-reduce with, yet DeepSpeed would JIT-compile its
-        # shared-memory all-reduce op for it: ~1 minute on a fresh machine.
+        # shared-memory all-reduce op for it, which is slow on a fresh machine (docs/RESULTS.md).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

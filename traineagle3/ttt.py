@@ -14,8 +14,7 @@ Two accuracies come out.  `correct[k]/count[k]` asks whether step k is right giv
 true tokens before it (teacher forcing), among the tokens the draft vocabulary holds;
 `accepted[k]/scored` asks whether steps 0..k are all right, among all trainable
 positions.  A target token outside the draft vocabulary is a rejection when serving, so
-it counts as one here (on the embedded default 13% of held-out answer tokens were, with
-a vocabulary counted on 456 conversations).
+it counts as one here (how many such tokens there are: docs/RESULTS.md).
 
 `accepted` averages over every position, which decoding does not visit alike; `run` (how
 many steps in a row are right from each position) lets acceptance.py replay greedy
