@@ -253,11 +253,13 @@ def chain_errors(shape: str, device: str, dtype, e: dict, steps: int = 7) -> dic
     from transformers import LlamaConfig
 
     from traineagle3.bench_train import SHAPES
-    from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
+    from traineagle3.draft import Eagle3Draft, default_aux_layers
+    from traineagle3.vocab import VocabMap
 
     tc = LlamaConfig(**SHAPES[shape])
     torch.manual_seed(0)
-    draft64 = Eagle3Draft(derive_draft_config(tc, min(4096, tc.vocab_size), default_aux_layers(tc.num_hidden_layers))).double()
+    vocab = VocabMap(torch.arange(min(4096, tc.vocab_size)), tc.vocab_size)
+    draft64 = Eagle3Draft.from_target(tc, vocab, default_aux_layers(tc.num_hidden_layers)).double()
     L = e["draft_len"]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, tc.vocab_size, (1, L), generator=g)

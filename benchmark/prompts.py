@@ -3,8 +3,9 @@
     python -m benchmark.prompts data/clean/test.jsonl outputs/benchmark/prompts.jsonl --limit 80 [--rounds 2]
 
 MT-bench questions give their first turn, chat records (the held-out split) their first
-user turn -- the reading `traineagle3.evaluate` uses, so offline and served numbers are
-measured on the same prompts.  vLLM's benchmark applies the target's chat template.
+user turn -- `traineagle3.records.read_prompts`, the reading `traineagle3.evaluate` uses,
+so offline and served numbers are measured on the same prompts.  vLLM's benchmark
+applies the target's chat template.
 With --rounds R > 1 it also writes `<out stem>-r<i>.jsonl` for i = 1..R: prompt j goes to
 round j mod R + 1, so each round gets a like share of short and long prompts.
 """
@@ -15,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from traineagle3.evaluate import read_prompts
+from traineagle3.records import read_prompts
 
 
 def main(argv=None) -> None:

@@ -91,15 +91,13 @@ def export_random_draft(target: Path, out: Path) -> dict:
     from transformers import AutoConfig
 
     from traineagle3.checkpoint import save_draft_folder
-    from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
+    from traineagle3.draft import Eagle3Draft, default_aux_layers
     from traineagle3.export import export
     from traineagle3.vocab import VocabMap
 
     tcfg = AutoConfig.from_pretrained(target)
     vm = VocabMap(torch.arange(0, 4000), tcfg.vocab_size)
     torch.manual_seed(0)
-    draft = Eagle3Draft(derive_draft_config(tcfg, vm.draft_vocab_size, default_aux_layers(tcfg.num_hidden_layers)))
-    draft.d2t.copy_(vm.d2t)
-    draft.t2d.copy_(vm.t2d)
+    draft = Eagle3Draft.from_target(tcfg, vm, default_aux_layers(tcfg.num_hidden_layers))
     save_draft_folder(draft.state_dict(), draft.config, out / "trained")
     return {engine: export(out / "trained", str(target), engine, out / engine) for engine in ("vllm", "sglang")}

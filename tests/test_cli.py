@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from dataset import clean, download, regenerate
-from traineagle3 import demo, evaluate
+from traineagle3 import demo, evaluate, records
 import log_plot
 
 CHAT = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
@@ -83,7 +83,7 @@ def test_evaluate(tmp_path, capsys):
     flags = ["--target", "smollm2-135m-instruct", "--draft", tmp_path / "draft"]
     assert "q.jsonl: no such file" in fails(evaluate.main, flags + ["--prompts", tmp_path / "q.jsonl"], capsys)
     bad = jsonl(tmp_path / "bad.jsonl", "{oops", {"turns": []})
-    assert evaluate.read_prompts(str(bad)) == []
+    assert records.read_prompts(str(bad)) == []
     assert capsys.readouterr().out.splitlines() == [f"{bad}: record 0 skipped (invalid JSON)",
                                                     f"{bad}: record 1 skipped (turns must be non-empty strings)"]
     assert f"{bad}: no usable prompts" in fails(evaluate.main, flags + ["--prompts", bad], capsys)

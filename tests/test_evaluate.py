@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, run_env
-from traineagle3.draft import Eagle3Draft, derive_draft_config
-from traineagle3.evaluate import evaluate, greedy, read_prompts, speculative
+from traineagle3.draft import Eagle3Draft
+from traineagle3.evaluate import evaluate, greedy, speculative
 from traineagle3.features import AuxHooks
+from traineagle3.records import read_prompts
 from traineagle3.vocab import VocabMap
 
 PROMPTS = [{"id": "a", "turns": ["What is 2+2?", "And 3+3?"]}, {"id": "b", "turns": ["Name a colour."]}]
@@ -20,10 +21,8 @@ def setup(tiny_target, draft_vocab, seed=0):
     target.lm_head.weight.data *= 30  # a confident target: varied greedy text, no near-ties
     vm = VocabMap(draft_vocab, target.config.vocab_size)
     torch.manual_seed(seed)
-    draft = Eagle3Draft(derive_draft_config(target.config, vm.draft_vocab_size, [1, 2, 3])).double().eval()
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
-    draft.d2t.copy_(vm.d2t)
-    draft.t2d.copy_(vm.t2d)
+    draft = Eagle3Draft.from_target(target.config, vm, [1, 2, 3], target.get_input_embeddings().weight.data,
+                                    dtype=torch.float64).eval()
     return target, draft
 
 
@@ -104,10 +103,10 @@ def test_cli_prints_table_and_writes_json(tiny_target, tmp_path):
 
 def test_replaying_ttt_on_a_greedy_answer_gives_the_rounds_speculative_decoding_takes(tiny_target):
     """The held-out tau: TTT run on the target's own greedy answer, replayed as rounds
-    (ttt.replay_rounds), must accept what chain drafting really accepts, round by round.
+    (acceptance.replay_rounds), must accept what chain drafting really accepts, round by round.
     A draft half-trained on that answer makes the rounds varied (some 0, some k)."""
     from traineagle3.features import TargetFeatures
-    from traineagle3.ttt import decode_rounds, replay_rounds
+    from traineagle3.acceptance import decode_rounds, replay_rounds
 
     target, draft = setup(tiny_target, torch.arange(0, 49152))
     vm = VocabMap(torch.arange(0, 49152), target.config.vocab_size)

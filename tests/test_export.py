@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT, make_tiny_target, run_env
 from traineagle3.checkpoint import save_draft_folder
-from traineagle3.draft import Eagle3Draft, KVCache, derive_draft_config, load_draft
+from traineagle3.draft import Eagle3Draft, KVCache, load_draft
 from traineagle3.config import TrainConfig, to_dict
 from traineagle3.export import check, export
 from traineagle3.export import main as export_main
@@ -29,9 +29,7 @@ def trained(tiny_target, tmp_path_factory):
     target = AutoModelForCausalLM.from_pretrained(tiny_target)
     vm = VocabMap(torch.arange(0, 3000, 3), target.config.vocab_size)
     torch.manual_seed(0)
-    draft = Eagle3Draft(derive_draft_config(target.config, vm.draft_vocab_size, AUX))
-    draft.d2t.copy_(vm.d2t)
-    draft.t2d.copy_(vm.t2d)
+    draft = Eagle3Draft.from_target(target.config, vm, AUX)
     out = tmp_path_factory.mktemp("trained") / "draft"
     save_draft_folder(draft.state_dict(), draft.config, out)
     return out, draft, target

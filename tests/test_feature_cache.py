@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from traineagle3 import feature_cache
 from traineagle3.data import collate
-from traineagle3.draft import Eagle3Draft, derive_draft_config
+from traineagle3.draft import Eagle3Draft
 from traineagle3.feature_cache import MANIFEST, FeatureCache, cache_folder, cache_parts, ensure_cache, shard_path
 from traineagle3.features import Features, TargetFeatures
 from traineagle3.target_tensors import embedding_and_head
@@ -53,8 +53,7 @@ def test_cached_features_and_losses_equal_online(tmp_path, tiny_target, setup, s
     cache, _ = build(tmp_path, tiny_target, setup, dtype)
     assert len(list(cache.folder.glob("shard-*.safetensors"))) >= 3 and len(cache) == len(data)
     torch.manual_seed(0)
-    draft = Eagle3Draft(derive_draft_config(target.config, vocab.draft_vocab_size, [1, 2, 3]))
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
+    draft = Eagle3Draft.from_target(target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data)
     for ids in ([1, 6], [3, 0, 4], [5]):  # samples from different shards, padded to the longest
         online_batch = collate([data[i] for i in ids], 0)
         online = features(online_batch["input_ids"])

@@ -32,14 +32,14 @@ def test_layer_numbering():
 def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_layer(tiny_target):
     """init_from_target: fc passes the high aux layer through, norm + lm_head are the target's
     (draft rows), so on a target hidden state the draft head scores exactly as the target."""
-    from traineagle3.draft import Eagle3Draft, derive_draft_config
+    from traineagle3.draft import Eagle3Draft
     from traineagle3.target_tensors import final_norm
 
     target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
     vm = VocabMap(torch.arange(3, 300, 2), target.config.vocab_size)
-    draft = Eagle3Draft(derive_draft_config(target.config, vm.draft_vocab_size, [1, 2, 3]))
     features = TargetFeatures(target, [1, 2, 3], vm)
-    draft.init_from_target(features.draft_head, final_norm(tiny_target))
+    draft = Eagle3Draft.from_target(target.config, vm, [1, 2, 3], init="target", head_rows=features.draft_head,
+                                    final_norm=final_norm(tiny_target))
     aux = torch.randn(2, 5, 3 * target.config.hidden_size)
     high = aux[..., 2 * target.config.hidden_size:]
     with torch.no_grad():

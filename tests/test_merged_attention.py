@@ -12,10 +12,11 @@ import torch
 from transformers import LlamaConfig
 
 from traineagle3 import merged_attention, teacher_loss
-from traineagle3.draft import Eagle3Draft, derive_draft_config
+from traineagle3.draft import Eagle3Draft
 from traineagle3.merged_attention import merged_ttt_attention
 from traineagle3.teacher_loss import plain_teacher_ce, teacher_ce
 from traineagle3.ttt import ttt_attention, ttt_unroll
+from traineagle3.vocab import VocabMap
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -114,7 +115,7 @@ def small_draft(seed=0):
     target = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     torch.manual_seed(seed)
-    return Eagle3Draft(derive_draft_config(target, 120, [1, 2, 3]))
+    return Eagle3Draft.from_target(target, VocabMap(torch.arange(120), target.vocab_size), [1, 2, 3])
 
 
 @pytest.mark.parametrize("loss_type", ["soft", "hard"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from traineagle3.draft import Eagle3Draft, KVCache, derive_draft_config
+from traineagle3.draft import Eagle3Draft, KVCache
 from traineagle3.features import TargetFeatures
 from traineagle3.ttt import ttt_attention
 from traineagle3.vocab import VocabMap
@@ -39,12 +39,7 @@ def test_ttt_attention_matches_slow_reference(steps):
 
 def tiny_draft(target, vocab, seed=0):
     torch.manual_seed(seed)
-    cfg = derive_draft_config(target.config, vocab.draft_vocab_size, [1, 2, 3])
-    draft = Eagle3Draft(cfg)
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
-    draft.d2t.copy_(vocab.d2t)
-    draft.t2d.copy_(vocab.t2d)
-    return draft
+    return Eagle3Draft.from_target(target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data)
 
 
 def serve_step(draft, token, hidden, pos, K, V):
@@ -160,7 +155,7 @@ def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
 def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
     """Two answers [3, 9) and [11, 14): rounds from 2, 2+run+1, ... while the round drafts
     an answer token; positions outside the answers are never a round's start."""
-    from traineagle3.ttt import replay_rounds
+    from traineagle3.acceptance import replay_rounds
 
     run = [3, 3, 1, 3, 0, 2, 0, 0, 3, 3, 1, 3, 3, 0]
     answer = [i in range(3, 9) or i in range(11, 14) for i in range(16)]
@@ -172,7 +167,7 @@ def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
 def test_round_stats_and_the_offline_evaluator_count_rounds_alike():
     """Rounds accepting 0, 0, 1, 3 drafts (k = 3): tau 2 = 8 tokens / 4 rounds; P(> i accepted)."""
     from traineagle3.evaluate import summarize
-    from traineagle3.ttt import round_stats
+    from traineagle3.acceptance import round_stats
 
     rounds, tau, rates = round_stats(torch.tensor([2.0, 1.0, 0.0, 1.0]))
     assert (rounds, tau) == (4, 2.0) and rates == [0.5, 0.25, 0.25]

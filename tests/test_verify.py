@@ -21,10 +21,11 @@ def overfit_draft(target_path, out, steps: int = 100):
     """A draft trained on the target's own greedy answers to the test's prompts, so that it is
     accepted often there: a wrong aux layer then shows as a real drop in acceptance."""
     from traineagle3.checkpoint import save_draft_folder
-    from traineagle3.draft import Eagle3Draft, default_aux_layers, derive_draft_config
-    from traineagle3.evaluate import _eos_ids, greedy, read_prompts
+    from traineagle3.draft import Eagle3Draft, default_aux_layers
+    from traineagle3.evaluate import _eos_ids, greedy
     from traineagle3.export import export
     from traineagle3.features import TargetFeatures
+    from traineagle3.records import read_prompts
     from traineagle3.target_tensors import final_norm
     from traineagle3.vocab import build_vocab_map
 
@@ -41,11 +42,8 @@ def overfit_draft(target_path, out, steps: int = 100):
     features = TargetFeatures(target, aux, vocab)
     feats = [features(s) for s in samples]
     torch.manual_seed(0)
-    draft = Eagle3Draft(derive_draft_config(target.config, vocab.draft_vocab_size, aux))
-    draft.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)
-    draft.d2t.copy_(vocab.d2t)
-    draft.t2d.copy_(vocab.t2d)
-    draft.init_from_target(features.draft_head, final_norm(target_path))
+    draft = Eagle3Draft.from_target(target.config, vocab, aux, target.get_input_embeddings().weight.data, init="target",
+                                    head_rows=features.draft_head, final_norm=final_norm(target_path))
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(steps):
         for s, f in zip(samples, feats):

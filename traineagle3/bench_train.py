@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from .draft import Eagle3Draft, default_aux_layers, derive_draft_config
+from .draft import Eagle3Draft, default_aux_layers
 from .features import Features, TargetFeatures
 from .ttt import IMPLS
 from .vocab import VocabMap
@@ -82,7 +82,6 @@ class Setup:
         tc = self.target_config
         self.aux = default_aux_layers(tc.num_hidden_layers)
         self.vocab = VocabMap(torch.arange(min(args.draft_vocab, tc.vocab_size)), tc.vocab_size)
-        self.draft_config = derive_draft_config(tc, self.vocab.draft_vocab_size, self.aux)
         g = torch.Generator(device=self.device).manual_seed(args.seed)
         self.draft_head = (torch.randn(self.vocab.draft_vocab_size, tc.hidden_size, generator=g, device=self.device)
                            / math.sqrt(tc.hidden_size) * 8).to(self.dtype)  # teacher logits of a few units
@@ -112,7 +111,7 @@ class Setup:
         release(self.device)  # the previous trainer's memory, even after an out-of-memory error
         torch.manual_seed(self.args.seed)
         with torch.device(self.device):
-            draft = Eagle3Draft(self.draft_config).to(self.dtype)
+            draft = Eagle3Draft.from_target(self.target_config, self.vocab, self.aux, dtype=self.dtype)
         params = [p for p in draft.parameters() if p.requires_grad]
         return draft, torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if self.device.type == "cuda" else {}))
 

@@ -2,11 +2,13 @@
 
 Entries are built in a private temporary folder and published with one rename, so a
 reader never sees half an entry, a killed build leaves only litter, and two builders
-(nodes sharing a file system) race harmlessly: the first rename wins.
+(nodes sharing a file system) race harmlessly: the first rename wins.  A single JSON
+file (a manifest, a checkpoint's state) is written the same way by `write_json_atomic`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -46,3 +48,13 @@ def publish(final: Path, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`obj` as JSON at `path`, whole or not at all: written to a side file, synced, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

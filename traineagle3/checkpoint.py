@@ -10,23 +10,15 @@ A checkpoint without trainer_state.json is incomplete and is ignored on resume.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .cache import write_json_atomic
+
 STATE_FILE = "trainer_state.json"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_draft_folder(state_dict: dict[str, torch.Tensor], config, out: Path) -> None:

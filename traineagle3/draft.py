@@ -179,6 +179,37 @@ class Eagle3Draft(nn.Module):
         self.fc.weight.zero_()
         self.fc.weight[:, 2 * H:].copy_(torch.eye(H))
 
+    @classmethod
+    def from_target(cls, target_config, vocab, aux_layer_ids: list[int], embedding: torch.Tensor | None = None, *,
+                    overrides: dict | None = None, init: str = "random", head_rows: torch.Tensor | None = None,
+                    final_norm: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Eagle3Draft:
+        """A new draft for a target: the one way training, tools and tests make one.
+
+        The config is derived from the target's (`derive_draft_config`, `overrides` over
+        it); `vocab` (a VocabMap) gives the draft vocabulary and its `d2t`/`t2d` maps;
+        `embedding` is the target's token embedding, which the draft shares (None leaves it
+        random: a draft that is only saved needs none, serving folders hold no embedding).
+        `init="target"` then starts it where the target ends (`init_from_target` with
+        `head_rows`, the target's output rows of the draft vocabulary, and its
+        `final_norm`); "random" keeps the modules' own initialisation, which draws from
+        torch's RNG: seed it first for a reproducible draft.  `dtype` casts the draft
+        before any tensor is copied in, so they keep their precision.
+        """
+        if init not in ("target", "random"):
+            raise ValueError(f"init must be 'target' or 'random', not {init!r}")
+        if init == "target" and (head_rows is None or final_norm is None):
+            raise ValueError("init='target' needs the target's head_rows and final_norm")
+        draft = cls(derive_draft_config(target_config, vocab.draft_vocab_size, aux_layer_ids, overrides))
+        if dtype is not None:
+            draft = draft.to(dtype)
+        if embedding is not None:
+            draft.embed_tokens.weight.data.copy_(embedding)
+        draft.d2t.copy_(vocab.d2t)
+        draft.t2d.copy_(vocab.t2d)
+        if init == "target":
+            draft.init_from_target(head_rows, final_norm)
+        return draft
+
     def forward(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
                 decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
         """A whole training-time-test unroll (see ttt.py); the engine's forward."""

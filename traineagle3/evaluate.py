@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
+from .acceptance import round_stats
 from .cli import Parser, UserError, cli, number
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
 from .precision import choose as choose_precision
-from .records import BadRecord, iter_raw, normalise, writing_system
-from .ttt import round_stats
+from .records import read_prompts, writing_system
 
 
 @dataclass
@@ -117,34 +117,6 @@ def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: i
         n, x = n + a + 1, new[-1]
     tokens, _ = _finish(out, eos, max_new)
     return Generation(tokens, time.perf_counter() - start, accepted)
-
-
-def read_prompts(path: str, limit: int | None = None, max_turns: int | None = None) -> list[dict]:
-    """[{"id", "turns": [user messages]}] from MT-bench style or ShareGPT/OpenAI records.
-
-    MT-bench (`question_id`, `turns`) keeps its turns, the first `max_turns` of them if
-    set (1 asks what `benchmark/` serves: first turns); a chat record gives its first
-    user turn.  Malformed records are skipped, naming the file and record.
-    """
-    prompts = []
-    for index, rec in enumerate(iter_raw(path)):
-        if limit is not None and len(prompts) >= limit:
-            break
-        if isinstance(rec, dict) and "turns" in rec:
-            turns = rec["turns"]
-            if isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns):
-                prompts.append({"id": rec.get("question_id", index), "turns": turns[:max_turns]})
-                continue
-            print(f"{path}: record {index} skipped (turns must be non-empty strings)")
-            continue
-        try:
-            conv = normalise(rec)
-        except BadRecord as e:
-            print(f"{path}: record {index} skipped ({e})")
-            continue
-        first = next(m["content"] for m in conv if m["role"] == "user")
-        prompts.append({"id": rec.get("id", index) if isinstance(rec, dict) else index, "turns": [first]})
-    return prompts
 
 
 def summarize(accepted: list[int], k: int) -> dict:

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import card, hub
-from .checkpoint import write_json_atomic
+from .cache import write_json_atomic
 from .default_model import resolve_target
 
 ENGINES = ("vllm", "sglang")

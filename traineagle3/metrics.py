@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .tracking import scalars
-from .ttt import decode_rounds, round_stats
+from .acceptance import decode_rounds, round_stats
 
 
 class StepStats:

@@ -188,6 +188,34 @@ def iter_raw(source: str, split: str = "train", report: ReadReport | None = None
         yield from datasets.load_dataset(source, split=split)
 
 
+def read_prompts(path: str, limit: int | None = None, max_turns: int | None = None) -> list[dict]:
+    """[{"id", "turns": [user messages]}] from MT-bench style or ShareGPT/OpenAI records.
+
+    MT-bench (`question_id`, `turns`) keeps its turns, the first `max_turns` of them if
+    set (1 asks what `benchmark/` serves: first turns); a chat record gives its first
+    user turn.  Malformed records are skipped, naming the file and record.
+    """
+    prompts = []
+    for index, rec in enumerate(iter_raw(path)):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if isinstance(rec, dict) and "turns" in rec:
+            turns = rec["turns"]
+            if isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns):
+                prompts.append({"id": rec.get("question_id", index), "turns": turns[:max_turns]})
+                continue
+            print(f"{path}: record {index} skipped (turns must be non-empty strings)")
+            continue
+        try:
+            conv = normalise(rec)
+        except BadRecord as e:
+            print(f"{path}: record {index} skipped ({e})")
+            continue
+        first = next(m["content"] for m in conv if m["role"] == "user")
+        prompts.append({"id": rec.get("id", index) if isinstance(rec, dict) else index, "turns": [first]})
+    return prompts
+
+
 def record_id(index: int, rid: Any) -> str:
     """A record's `id` as text, or `record-<index>` when it has none."""
     return f"record-{index}" if rid is None else str(rid)

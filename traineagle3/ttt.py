@@ -14,15 +14,11 @@ Two accuracies come out.  `correct[k]/count[k]` asks whether step k is right giv
 true tokens before it (teacher forcing), among the tokens the draft vocabulary holds;
 `accepted[k]/scored` asks whether steps 0..k are all right, among all trainable
 positions.  A target token outside the draft vocabulary is a rejection when serving, so
-it counts as one here (on the embedded default 13% of held-out answer tokens were, with
-a vocabulary counted on 456 conversations).
+it counts as one here (how many such tokens there are: docs/RESULTS.md).
 
-`accepted` averages over every position, but decoding does not visit every position: a
-round that accepts a tokens jumps a+1 ahead, so easy stretches take few rounds and hard
-ones one round per token, and tau = tokens / rounds sits below 1 + sum(accepted/scored).
-`decode_rounds` replays greedy decoding of each answer from `run` (how many steps in a
-row are right from each position), which is exactly what an engine drafts on text the
-target itself generated greedily: its tau is the served one.
+`accepted` averages over every position, which decoding does not visit alike; `run` (how
+many steps in a row are right from each position) lets acceptance.py replay greedy
+decoding of the answers, whose tau is the served one.
 
 Two formulations give the same losses and gradients: "reference" (`ttt_attention` and
 `plain_teacher_ce`, plain autograd ops that materialise each step's L x (L+k) attention
@@ -96,48 +92,6 @@ class TTTResult:
     accepted: list[torch.Tensor]  # per step k, number of positions whose steps 0..k are all right
     scored: torch.Tensor  # positions with a trainable step-0 target token, in the draft vocabulary or not
     run: torch.Tensor  # [B, L-2]: from position t, how many steps in a row are right (0..steps)
-
-
-def replay_rounds(run: list[int], answer: list[bool], k: int) -> list[int]:
-    """Tokens accepted in each round of greedy decoding one sample's answers, from TTT's `run`.
-
-    The target's prefill makes an answer's first token p, so the first round drafts from
-    position t = p - 1; a round accepting a tokens is followed by one from t + a + 1 (the
-    target's own token ends it), while the round still drafts an answer token (t + 2
-    inside the answer).
-    """
-    rounds, t, L = [], 0, len(answer)
-    while t < L:
-        if not answer[t]:
-            t += 1
-            continue
-        end = t
-        while end < L and answer[end]:
-            end += 1  # this answer is [t, end)
-        pos = t - 1
-        while 0 <= pos and pos + 2 < end:
-            rounds.append(min(run[pos], k))
-            pos += rounds[-1] + 1
-        t = end
-    return rounds
-
-
-def decode_rounds(run: torch.Tensor, answers: torch.Tensor, k: int) -> torch.Tensor:
-    """Histogram [k+1] of tokens accepted per round over a batch; answers [B, L] marks answer tokens."""
-    hist = torch.zeros(k + 1, dtype=torch.float64)
-    for row_run, row in zip(run.tolist(), (answers > 0).tolist()):
-        for a in replay_rounds(row_run, row, k):
-            hist[a] += 1
-    return hist
-
-
-def round_stats(hist: torch.Tensor) -> tuple[int, float, list[float]]:
-    """Rounds, tau (mean tokens per round, the bonus one included) and P(more than i drafts
-    accepted) for each draft position i, from a histogram [k+1] of drafts accepted per round."""
-    rounds = int(hist.sum().item())
-    r = hist.double() / max(rounds, 1)
-    tau = (r * torch.arange(1, len(hist) + 1)).sum().item()
-    return rounds, tau, [r[i + 1:].sum().item() for i in range(len(hist) - 1)]
 
 
 def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,

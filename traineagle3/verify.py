@@ -36,9 +36,9 @@ import httpx
 import torch
 
 from .cli import Parser, UserError, cli, number
-from .evaluate import read_prompts, speculative, summarize
+from .evaluate import speculative, summarize
 from .precision import choose as choose_precision
-from .records import writing_system
+from .records import read_prompts, writing_system
 
 ROOT = Path(__file__).resolve().parents[1]
 # Served vs offline acceptance at one position, on the same outputs: they differ only by

