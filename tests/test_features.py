@@ -29,23 +29,33 @@ def test_layer_numbering():
     assert to_vllm_layer_ids([2, 16, 29], "vllm") == [2, 16, 29]
 
 
-def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_layer(tiny_target):
+@pytest.mark.parametrize("options", [{}, {"fc_norm": True}, {"norm_before_fc": True}, {"norm_before_fc": True, "fc_norm": True}],
+                         ids=lambda o: "+".join(o) or "eagle3")
+def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_layer(tiny_target, options):
     """init_from_target: fc passes the high aux layer through, norm + lm_head are the target's
-    (draft rows), so on a target hidden state the draft head scores exactly as the target."""
+    (draft rows), so on a target hidden state the draft head scores exactly as the target;
+    input_norm / fc_norm start at one, only rescaling each token, which the draft's norm undoes."""
     from traineagle3.draft import Eagle3Draft
     from traineagle3.target_tensors import final_norm
 
     target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
     vm = VocabMap(torch.arange(3, 300, 2), target.config.vocab_size)
+    draft = Eagle3Draft.from_target(target.config, vm, [1, 2, 3], overrides=options)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # whatever they were, init_from_target sets them
     features = TargetFeatures(target, [1, 2, 3], vm)
-    draft = Eagle3Draft.from_target(target.config, vm, [1, 2, 3], init="target", head_rows=features.draft_head,
-                                    final_norm=final_norm(tiny_target))
-    aux = torch.randn(2, 5, 3 * target.config.hidden_size)
-    high = aux[..., 2 * target.config.hidden_size:]
+    draft.init_from_target(features.draft_head, final_norm(tiny_target))
+    H = target.config.hidden_size
+    aux = torch.randn(2, 5, 3 * H) * torch.tensor([0.01] * H + [1.0] * H + [30.0] * H)  # layers of very different scales
+    high = aux[..., 2 * H:]
     with torch.no_grad():
         expected = target.lm_head(target.model.norm(high))[..., vm.draft_ids]
         got = draft.lm_head(draft.norm(draft.fc(aux)))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if "norm_before_fc" in options:
+        return  # the low and mid layers enter the one norm's scale, so they are not switched off exactly
     with torch.no_grad():  # the low and mid layers start switched off, not the high one
         assert not torch.allclose(draft.fc(aux), draft.fc(torch.cat([aux[..., :-1], aux[..., -1:] + 1], -1)))
         torch.testing.assert_close(draft.fc(aux), draft.fc(torch.cat([aux[..., :10] + 1, aux[..., 10:]], -1)))

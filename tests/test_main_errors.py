@@ -15,7 +15,8 @@ MAIN = Path(__file__).resolve().parents[1] / "traineagle3" / "llama" / "main.py"
 CHAT = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
 # run in a folder holding these files; a case's flags come after these and override them
 FILES = {"ds.json": json.dumps({"train_micro_batch_size_per_gpu": 2}), "good.jsonl": json.dumps(CHAT) + "\n",
-         "bad.jsonl": "{not json\n", "typo.json": json.dumps({"max_lenght": 512}), "half.json": "{\"ttt_steps\": "}
+         "bad.jsonl": "{not json\n", "typo.json": json.dumps({"max_lenght": 512}), "half.json": "{\"ttt_steps\": ",
+         "option.json": json.dumps({"fc_norm": "false"})}
 BASE = ["--deepspeed_config", "ds.json", "--train_data", "good.jsonl", "--output_dir", "out", "--cache_dir", "cache",
         "--num_proc", "1", "--progress", "false"]
 
@@ -30,6 +31,7 @@ EARLY = {  # all found before the process group, the data and the models
     "folder with no model": (["--target", "empty"], "error: empty: no config.json: not a model folder"),
     "missing train_data": (["--train_data", "nope.jsonl"], "error: nope.jsonl: no such file"),
     "draft_config not JSON": (["--draft_config", "half.json"], "error: half.json: not valid JSON"),
+    "draft option not a boolean": (["--draft_config", "option.json"], "error: option.json: fc_norm must be true or false, not 'false'"),
 }
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from traineagle3.draft import Eagle3Draft, KVCache
+from traineagle3.draft import OPTIONS, Eagle3Draft, KVCache
 from traineagle3.features import TargetFeatures
 from traineagle3.ttt import ttt_attention
 from traineagle3.vocab import VocabMap
@@ -37,15 +37,36 @@ def test_ttt_attention_matches_slow_reference(steps):
     torch.testing.assert_close(got, slow_reference_attention(q, keys, values, 1 / math.sqrt(d)), rtol=1e-9, atol=1e-9)
 
 
-def tiny_draft(target, vocab, seed=0):
+def tiny_draft(target, vocab, seed=0, options=None):
     torch.manual_seed(seed)
-    return Eagle3Draft.from_target(target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data)
+    return Eagle3Draft.from_target(target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data,
+                                   overrides=options)
+
+
+def rms(x, weight, eps=1e-6):
+    """RMSNorm as the engines compute it: in float32 whatever the input's dtype."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def serve_fc(draft, aux):
+    """The target's features into the first hidden state as vLLM's combine_hidden_states does:
+    norm_before_fc's one norm over the 3H concat, then fc_norm's one per H chunk, then fc."""
+    cfg = draft.config
+    if cfg.norm_before_fc:
+        aux = rms(aux, draft.input_norm.weight)
+    if cfg.fc_norm:
+        aux = torch.cat([rms(x, n.weight) for n, x in zip(draft.fc_norm, aux.chunk(3, -1))], -1)
+    return aux @ draft.fc.weight.T
 
 
 def serve_step(draft, token, hidden, pos, K, V):
-    """One decode step as an engine runs it: a single new token attending to its KV cache."""
-    layer, attn = draft.midlayer, draft.midlayer.self_attn
-    x = torch.cat([layer.input_layernorm(draft.embed_tokens(token)), layer.hidden_norm(hidden)], -1)
+    """One decode step as an engine runs it: a single new token attending to its KV cache;
+    norm_before_residual: the residual is the normalised hidden; norm_output: the next step
+    gets the final norm's output."""
+    layer, attn, cfg = draft.midlayer, draft.midlayer.self_attn, draft.config
+    normed = rms(hidden, layer.hidden_norm.weight)
+    x = torch.cat([rms(draft.embed_tokens(token), layer.input_layernorm.weight), normed], -1)
     q = attn.q_proj(x).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(x).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
@@ -56,16 +77,28 @@ def serve_step(draft, token, hidden, pos, K, V):
     rep = attn.num_heads // attn.num_kv_heads
     Kc, Vc = torch.cat(K, 2).repeat_interleave(rep, 1), torch.cat(V, 2).repeat_interleave(rep, 1)
     a = torch.softmax(q @ Kc.transpose(-1, -2) / math.sqrt(attn.head_dim), -1) @ Vc
-    hidden = hidden + attn.o_proj(a.transpose(1, 2).reshape(1, 1, -1))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return draft.lm_head(draft.norm(hidden)), hidden
+    residual = normed if cfg.norm_before_residual else hidden
+    hidden = residual + attn.o_proj(a.transpose(1, 2).reshape(1, 1, -1))
+    hidden = hidden + layer.mlp(rms(hidden, layer.post_attention_layernorm.weight))
+    out = rms(hidden, draft.norm.weight)
+    return draft.lm_head(out), out if cfg.norm_output else hidden
 
 
-def test_ttt_logits_equal_what_a_serving_engine_computes(tiny_target):
-    """Every TTT step at index t equals chain drafting after verified position t (tokens forced)."""
+OPTION_SETS = [{}, {"fc_norm": True}, {"norm_before_fc": True}, {"norm_output": True}, {"norm_before_residual": True},
+               {"fc_norm": True, "norm_output": True}, {name: True for name in OPTIONS}]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "+".join(o) or "eagle3")
+def test_ttt_logits_equal_what_a_serving_engine_computes(tiny_target, options):
+    """Every TTT step at index t equals chain drafting after verified position t (tokens forced),
+    with each EAGLE-3.1 option and all together."""
     target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float64)
     vm = VocabMap(torch.arange(0, 2000), target.config.vocab_size)
-    draft = tiny_draft(target, vm).double()
+    draft = tiny_draft(target, vm, options=options).double()
+    with torch.no_grad():  # norms away from one, so that a norm skipped or misplaced shows
+        for name, p in draft.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
     L, steps = 12, 4
     ids = torch.randint(0, 2000, (1, L))
     f = TargetFeatures(target, [1, 2, 3], vm)(ids)
@@ -74,7 +107,8 @@ def test_ttt_logits_equal_what_a_serving_engine_computes(tiny_target):
     with torch.no_grad():
         draft(f.aux_hidden, ids, torch.ones_like(ids), f.teacher, f.teacher_ok, steps=steps)
         ttt_logits = captured[:steps]
-        fused = draft.fc(f.aux_hidden)
+        fused = serve_fc(draft, f.aux_hidden)
+        torch.testing.assert_close(draft.fc(f.aux_hidden), fused, rtol=1e-9, atol=1e-9)
         for t in [0, 3, L - steps - 2]:
             K, V = [], []
             for j in range(t + 1):  # the verified prefix: step-0 entries at positions 0..t

@@ -11,15 +11,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, run_env
 from traineagle3 import verify
+from traineagle3.draft import OPTIONS
 from vllm_server import vllm_server
 
 MT_BENCH = ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"
 PROMPTS, TOKENS = 3, 24
 
 
-def overfit_draft(target_path, out, steps: int = 100):
+def overfit_draft(target_path, out, steps: int = 100, options: dict | None = None):
     """A draft trained on the target's own greedy answers to the test's prompts, so that it is
-    accepted often there: a wrong aux layer then shows as a real drop in acceptance."""
+    accepted often there: a wrong aux layer (or option) then shows as a real drop in acceptance.
+    `options`: draft config overrides (the EAGLE-3.1 options)."""
     from traineagle3.checkpoint import save_draft_folder
     from traineagle3.draft import Eagle3Draft, default_aux_layers
     from traineagle3.evaluate import _eos_ids, greedy
@@ -42,7 +44,8 @@ def overfit_draft(target_path, out, steps: int = 100):
     features = TargetFeatures(target, aux, vocab)
     feats = [features(s) for s in samples]
     torch.manual_seed(0)
-    draft = Eagle3Draft.from_target(target.config, vocab, aux, target.get_input_embeddings().weight.data, init="target",
+    draft = Eagle3Draft.from_target(target.config, vocab, aux, target.get_input_embeddings().weight.data, overrides=options,
+                                    init="target",
                                     head_rows=features.draft_head, final_norm=final_norm(target_path))
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(steps):
@@ -56,13 +59,19 @@ def overfit_draft(target_path, out, steps: int = 100):
 
 
 @pytest.fixture(scope="module")
-def servers(smol_path, tmp_path_factory):
+def baseline(smol_path, tmp_path_factory):
+    """The plain server of the default target, for every test of the module."""
+    with vllm_server(smol_path, tmp_path_factory.mktemp("baseline")) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def servers(smol_path, baseline, tmp_path_factory):
     """A draft overfit on the prompts' answers, exported; the plain and the EAGLE-3 server of the default target."""
     tmp = tmp_path_factory.mktemp("verify")
     draft = overfit_draft(smol_path, tmp)
-    with vllm_server(smol_path, tmp / "logs") as (base_url, _), \
-            vllm_server(smol_path, tmp / "logs", draft=draft) as (eagle_url, _):
-        yield {"tmp": tmp, "draft": draft, "trained": tmp / "trained", "base": base_url, "eagle": eagle_url}
+    with vllm_server(smol_path, tmp / "logs", draft=draft) as (eagle_url, _):
+        yield {"tmp": tmp, "draft": draft, "trained": tmp / "trained", "base": baseline, "eagle": eagle_url}
 
 
 def run(servers, out, *extra, eagle=None, base=None, draft=None):
@@ -116,6 +125,21 @@ def test_a_draft_exported_with_the_other_engines_layer_numbering_fails_on_accept
     total = report["acceptance"]["total"]  # the served draft is another function of the target's states
     assert abs(total["served_tau"] - total["offline_tau"]) > 0.1
     assert report["failures"][0].startswith("acceptance: position ")
+
+
+@pytest.mark.parametrize("options", [{"fc_norm": True, "norm_output": True}, dict.fromkeys(OPTIONS, True)], ids="+".join)
+def test_a_draft_with_eagle31_options_is_served_as_trained(smol_path, baseline, tmp_path, options):
+    """vLLM loads a draft trained with EAGLE-3.1 options (fc_norm + norm_output; all four) and
+    runs them as training did: greedy output unchanged, and served acceptance equals the
+    offline evaluator's at a tau where an option run otherwise would show as a gap."""
+    draft = overfit_draft(smol_path, tmp_path, options=options)
+    assert all(json.loads((draft / "config.json").read_text())[name] is True for name in options)
+    with vllm_server(smol_path, tmp_path / "logs", draft=draft) as (url, _):
+        code = run({"draft": draft, "trained": tmp_path / "trained", "eagle": url, "base": baseline}, tmp_path / "v.json")
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0 and report["failures"] == [], report["failures"]
+    assert all(r["drafts"] > 0 for r in report["prompts"])
+    assert report["acceptance"]["total"]["served_tau"] > 2
 
 
 def test_a_draft_shorter_than_the_served_length_is_refused(servers, tmp_path):

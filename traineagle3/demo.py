@@ -48,7 +48,11 @@ def recipe(profile: str) -> dict:
 
 class Demo:
     def __init__(self, profile: str, out: Path, precision: str = "auto"):
+        from .draft import OPTIONS
+
         self.p = recipe(profile)
+        if unknown := sorted(set(self.p["draft_options"]) - set(OPTIONS)):  # a typo would train without it
+            raise UserError(f"{RECIPE}: draft_options {unknown} are not draft options {list(OPTIONS)}")
         self.dtype, self.dtype_why = choose_precision("cpu", precision)
         self.profile, self.out, self.start = profile, out, time.perf_counter()
         self.data, self.train_dir = out / "data", out / "train"
@@ -117,7 +121,8 @@ class Demo:
                "save_every": 50, "log_every": 10, "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
         self.train_dir.mkdir(parents=True, exist_ok=True)
         cfg["draft_config"] = str(self.out / "draft_config.json")
-        (self.out / "draft_config.json").write_text(json.dumps({"intermediate_size": self.p["draft_intermediate_size"]}))
+        (self.out / "draft_config.json").write_text(json.dumps({"intermediate_size": self.p["draft_intermediate_size"],
+                                                                **self.p["draft_options"]}))
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (self.out / "train_config.json").write_text(json.dumps(cfg, indent=2))
         deepspeed = Path(sys.executable).with_name("deepspeed")
@@ -159,6 +164,8 @@ class Demo:
         """Refuse a folder holding another recipe's run, or one made from other data or target
         packages: its steps would be skipped as done."""
         path, now = self.out / "recipe.json", self.p | {"packages": package_versions(), "precision": self.dtype}
+        if not now["draft_options"]:  # as folders made before the setting existed were: they resume
+            del now["draft_options"]
         if path.exists():
             old = read_recipe(path)
             changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(old.keys() | now.keys())

@@ -8,8 +8,15 @@
 
 Parameter names are those of the EAGLE-3 checkpoints that vLLM and SGLang load
 (`midlayer.*`, `fc`, `norm`, `lm_head`, `d2t`, `t2d`), so a state dict saves as-is.
-The residual is the un-normalised hidden (`norm_before_residual: false`), as in the
-original EAGLE-3 Llama drafts and the engines' default.
+
+OPTIONS, config fields read by vLLM's LlamaForCausalLMEagle3 (the EAGLE-3.1 variants), all
+off by default: the original EAGLE-3 Llama draft above, unchanged.  Any of them combine.
+  norm_before_fc        `input_norm` (one RMSNorm over the whole 3H concat) before fc
+  fc_norm               `fc_norm.0/1/2` (an RMSNorm per aux layer's H chunk) before fc, after
+                        input_norm if both: the three captured layers have very different scales
+  norm_before_residual  the residual h is hidden_norm(h) instead of h
+  norm_output           the next step receives norm(h'') instead of h'' (logits are unchanged)
+SGLang honours all but norm_before_residual (export refuses that draft for SGLang).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from transformers.models.llama.modeling_llama import (
 from .cli import UserError, read_json_object
 from .ttt import TTTResult, repeat_kv, ttt_unroll
 
+OPTIONS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
 DERIVED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "intermediate_size", "rms_norm_eps", "vocab_size", "max_position_embeddings",
                   "hidden_act", "bos_token_id", "eos_token_id", "rope_parameters")
@@ -74,13 +82,18 @@ def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: lis
     cfg.target_hidden_size = target_config.hidden_size
     cfg.eagle_aux_hidden_state_layer_ids = list(aux_layer_ids)
     cfg.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids), "use_aux_hidden_state": True}
-    cfg.norm_before_residual = False
+    for name in OPTIONS:  # written out, off or on: the folder says what the engines must run
+        setattr(cfg, name, fields.get(name, False))
     return cfg
 
 
 def load_overrides(path: str | None) -> dict:
     """The fields of a --draft_config file (a JSON object), read before any model loads."""
-    return read_json_object(path) if path else {}
+    overrides = read_json_object(path) if path else {}
+    for name in OPTIONS:
+        if not isinstance(overrides.get(name, False), bool):  # "false" would read as on
+            raise UserError(f"{path}: {name} must be true or false, not {overrides[name]!r}")
+    return overrides
 
 
 class KVCache:
@@ -130,6 +143,7 @@ class Eagle3Attention(nn.Module):
 class Eagle3DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        self.norm_before_residual = getattr(cfg, "norm_before_residual", False)
         self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.hidden_norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_attn = Eagle3Attention(cfg)
@@ -137,9 +151,33 @@ class Eagle3DecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, embeds, hidden, cos, sin, cache):
-        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        normed = self.hidden_norm(hidden)
+        if self.norm_before_residual:
+            hidden = normed
+        x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
         hidden = hidden + self.self_attn(x, cos, sin, cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class FeatureFC(nn.Linear):
+    """`fc` (3H -> H) with the norms the engines apply to the fused features before it.
+
+    The norms are the draft's own modules (`input_norm`, `fc_norm.i`, the checkpoint's
+    names), held here in a plain list, out of the module tree, so that every caller of
+    `draft.fc` (training's unroll, the evaluator) gets what the engine's fc gets.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.norms = [None, None]  # input_norm, fc_norm
+
+    def forward(self, aux: torch.Tensor) -> torch.Tensor:
+        whole, chunks = self.norms
+        if whole is not None:
+            aux = whole(aux)
+        if chunks is not None:
+            aux = torch.cat([norm(x) for norm, x in zip(chunks, aux.chunk(len(chunks), dim=-1))], dim=-1)
+        return super().forward(aux)
 
 
 class Eagle3Draft(nn.Module):
@@ -149,7 +187,14 @@ class Eagle3Draft(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         target_hidden = getattr(cfg, "target_hidden_size", None) or cfg.hidden_size
-        self.fc = nn.Linear(3 * target_hidden, cfg.hidden_size, bias=False)
+        self.fc = FeatureFC(3 * target_hidden, cfg.hidden_size)
+        if getattr(cfg, "norm_before_fc", False):
+            self.input_norm = LlamaRMSNorm(3 * target_hidden, eps=cfg.rms_norm_eps)
+            self.fc.norms[0] = self.input_norm
+        if getattr(cfg, "fc_norm", False):
+            self.fc_norm = nn.ModuleList(LlamaRMSNorm(target_hidden, eps=cfg.rms_norm_eps) for _ in range(3))
+            self.fc.norms[1] = self.fc_norm
+        self.norm_output = getattr(cfg, "norm_output", False)
         self.midlayer = Eagle3DecoderLayer(cfg)
         self.norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
@@ -168,7 +213,10 @@ class Eagle3Draft(nn.Module):
         one; fc passes the highest aux layer through (the other two start at zero), so
         the first hidden state is already the target's late representation of position
         t.  Training then only has to learn the one-token look-ahead (measured in
-        docs/RESULTS.md).
+        docs/RESULTS.md).  `input_norm` and `fc_norm` start at one: they then only
+        rescale each token's features, which the scale-free `norm` undoes, so the head
+        still scores the highest layer as the target does, and fc's low and mid blocks
+        learn on features of one scale.
         """
         if head_rows.shape != self.lm_head.weight.shape or final_norm.shape != self.norm.weight.shape:
             raise ValueError(f"target head rows {tuple(head_rows.shape)} / norm {tuple(final_norm.shape)} do not fit "
@@ -178,6 +226,9 @@ class Eagle3Draft(nn.Module):
         H = self.config.hidden_size  # the target's too (the draft shares its embedding)
         self.fc.weight.zero_()
         self.fc.weight[:, 2 * H:].copy_(torch.eye(H))
+        for norm in [getattr(self, "input_norm", None), *getattr(self, "fc_norm", [])]:
+            if norm is not None:
+                norm.weight.fill_(1.0)
 
     @classmethod
     def from_target(cls, target_config, vocab, aux_layer_ids: list[int], embedding: torch.Tensor | None = None, *,
@@ -221,7 +272,8 @@ class Eagle3Draft(nn.Module):
         rope = self._rope[0].to(hidden.device)
         cos, sin = rope(hidden, position_ids)
         hidden = self.midlayer(embeds, hidden, cos, sin, cache)
-        return self.lm_head(self.norm(hidden)), hidden
+        normed = self.norm(hidden)
+        return self.lm_head(normed), normed if self.norm_output else hidden
 
 
 def load_draft(folder: str | Path, target_embedding: torch.Tensor | None = None) -> Eagle3Draft:

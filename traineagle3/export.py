@@ -15,6 +15,8 @@ target's).  They differ where drafts silently collapse:
 - RoPE: vLLM reads `rope_parameters`, SGLang `rope_theta` / `rope_scaling`: write both.
 - dtype: SGLang turns a float32 or missing `torch_dtype` into float16: write bf16/fp16.
 - `d2t` missing or `tie_word_embeddings` true load without error and draft garbage.
+- the EAGLE-3.1 options (draft.OPTIONS): both read the same top-level keys, but SGLang's
+  Llama draft ignores `norm_before_residual`, so such a draft is refused for SGLang.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from . import card, hub
 from .cache import write_json_atomic
+from .cli import UserError
 from .default_model import resolve_target
+from .draft import OPTIONS
 
 ENGINES = ("vllm", "sglang")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +42,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 KEEP = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
         "hidden_act", "rms_norm_eps", "vocab_size", "draft_vocab_size", "max_position_embeddings",
         "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias")
+# options an engine would load without error and run otherwise than training did
+IGNORED = {"sglang": {"norm_before_residual": "SGLang's Llama draft ignores it (its residual is always the "
+                                              "un-normalised hidden)"}}
 
 
 def find_draft_folder(path: str | Path) -> Path:
@@ -57,11 +64,24 @@ def legacy_rope(rope_parameters: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
+def unsupported(trained: dict, engine: str) -> list[str]:
+    """The options of a draft's config that `engine` would not run as trained."""
+    return [f"{name}: {why}" for name, why in IGNORED.get(engine, {}).items() if trained.get(name)]
+
+
+def refuse_unsupported(src: Path, engines: list[str]) -> None:
+    """Before anything is written: a draft that an engine would serve otherwise than trained."""
+    trained = json.loads((src / "config.json").read_text())
+    for engine in engines:
+        if problems := unsupported(trained, engine):
+            raise UserError(f"{src}: cannot export for {engine}: {'; '.join(problems)}; export it with --engine vllm")
+
+
 def serving_config(trained: dict, engine: str, dtype: torch.dtype, target_hidden: int) -> dict:
     ids = trained["eagle_aux_hidden_state_layer_ids"]  # stored in vLLM's numbering
     theta, scaling = legacy_rope(trained["rope_parameters"])
     cfg = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
-           "tie_word_embeddings": False, "norm_before_residual": False,
+           "tie_word_embeddings": False, **{k: bool(trained.get(k, False)) for k in OPTIONS},
            **{k: trained[k] for k in KEEP if trained.get(k) is not None},
            "rope_parameters": trained["rope_parameters"], "rope_theta": theta, "rope_scaling": scaling,
            "torch_dtype": str(dtype).removeprefix("torch.")}
@@ -80,6 +100,7 @@ def export(draft: str | Path, target: str, engine: str, out: str | Path, dtype: 
     """Write `out` for one engine, its model card and provenance included; return it.
     Refuses a result that fails `check`.  `facts`: card.gather's, shared by the engines of one export."""
     src = find_draft_folder(draft)
+    refuse_unsupported(src, [engine])
     trained = json.loads((src / "config.json").read_text())
     weights = load_file(str(src / "model.safetensors"))
     target_cfg = target_config(target)
@@ -149,6 +170,13 @@ def check(folder: str | Path, target, engine: str) -> list[str]:
         theta, scaling = legacy_rope(rope)
         need(cfg.get("rope_theta") == theta and cfg.get("rope_scaling") == scaling, "rope_theta/rope_scaling disagree with rope_parameters")
 
+    for name in OPTIONS:
+        need(isinstance(cfg.get(name, False), bool), f"{name} is {cfg.get(name)!r}: must be true or false")
+    nested_fc = (cfg.get("eagle_config") or {}).get("norm_before_fc")
+    need(nested_fc in (None, cfg.get("norm_before_fc", False)),
+         f"eagle_config norm_before_fc {nested_fc} overrides the top-level {cfg.get('norm_before_fc', False)} in both engines")
+    problems += unsupported(cfg, engine)
+
     heads, kv, hd = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads"), cfg.get("head_dim") or H // cfg.get("num_attention_heads", 1)
     shapes = {"fc.weight": (H, 3 * TH), "norm.weight": (H,), "lm_head.weight": (V, H), "d2t": (V,),
               "midlayer.self_attn.q_proj.weight": (heads * hd, 2 * H), "midlayer.self_attn.k_proj.weight": (kv * hd, 2 * H),
@@ -156,12 +184,19 @@ def check(folder: str | Path, target, engine: str) -> list[str]:
               "midlayer.mlp.gate_proj.weight": (cfg.get("intermediate_size"), H), "midlayer.mlp.up_proj.weight": (cfg.get("intermediate_size"), H),
               "midlayer.mlp.down_proj.weight": (H, cfg.get("intermediate_size")), "midlayer.input_layernorm.weight": (H,),
               "midlayer.hidden_norm.weight": (H,), "midlayer.post_attention_layernorm.weight": (H,)}
+    options = {"norm_before_fc": {"input_norm.weight": (3 * TH,)}, "fc_norm": {f"fc_norm.{i}.weight": (TH,) for i in range(3)}}
+    for name, weights in options.items():
+        if cfg.get(name):
+            shapes.update(weights)
+        else:  # vLLM drops input_norm and refuses fc_norm without the option: the draft was trained with them
+            stray = sorted(set(weights) & set(w))
+            need(not stray, f"weights {stray} but {name} is not true: the engine would not apply them")
     for name, shape in shapes.items():
         if name not in w:
             need(False, f"weight {name} is missing" + (" (without it engines map draft ids to the wrong tokens)" if name == "d2t" else ""))
         else:
             need(tuple(w[name].shape) == shape, f"{name} has shape {tuple(w[name].shape)}, expected {shape}")
-    unknown = set(w) - set(shapes) - {"t2d"}
+    unknown = set(w) - set(shapes) - {"t2d"} - {k for weights in options.values() for k in weights}
     need(not unknown, f"unexpected weights {sorted(unknown)} (vLLM refuses unknown names)")
     if "d2t" in w and tuple(w["d2t"].shape) == (V,):
         targets = torch.arange(V) + w["d2t"].long()
@@ -215,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.check}: {'FAILS' if problems else 'ok'} for {args.engine} with target {args.target}")
         return 1 if problems else 0
     engines = list(ENGINES) if args.engine == "both" else [args.engine]
+    refuse_unsupported(find_draft_folder(args.draft), engines)
     facts = card.gather(find_draft_folder(args.draft), args.target, local_target(args.target), args.results)
     for engine in engines:
         out = export(args.draft, args.target, engine, Path(args.out) / engine, args.dtype, facts, args.push_to_hub)
