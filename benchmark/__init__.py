@@ -1,1 +1,1 @@
-"""Serving benchmarks: baseline vs EAGLE-3 on vLLM and SGLang (shell scripts + prompts.py + compare.py)."""
+"""Serving benchmarks: baseline vs EAGLE-3 on vLLM and SGLang (serve.sh + benchmark.sh; run.py, prompts.py, compare.py)."""

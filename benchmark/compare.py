@@ -2,12 +2,15 @@
 
     python benchmark/compare.py outputs/benchmark
 
-Files are `<engine>-<baseline|eagle3>-c<concurrency>[-r<round>].json` (vLLM's `bench serve`
-results).  The rounds of one server and concurrency (benchmark.sh --rounds) add up: output
-tokens/s is all their tokens over all their time, and the per-round speed-ups show the spread.
+Files are `<engine>-<baseline|eagle3>-c<concurrency>[-r<repeat>][-<script>].json` (vLLM's
+`bench serve` results), one per part of the prompts (benchmark/run.py).  The parts of one
+server and concurrency add up: output tokens/s is all their tokens over all their time,
+and with repeats (benchmark.sh --repeats) each repeat's speed-up shows the spread.  When
+the parts are split by writing system, each row also gets `by_script`: the same row for
+that writing system's parts alone, speed-up against the baseline's same parts.
 The EAGLE-3 acceptance length and per-position acceptance come from vLLM's spec-decode
 counts in the results, or SGLang's `avg_spec_accept_length` in `<stem>.server_info.json`
-(the server's running average, read after its last round).
+(the server's running average, read after its last run: a total only, none per script).
 Speed-up is EAGLE-3 output tokens/s over the baseline's at the same concurrency.
 Writes compare.md, compare.json and compare.png next to the results.
 """
@@ -20,9 +23,10 @@ import re
 import sys
 from pathlib import Path
 
-NAME = re.compile(r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)(?:-r(?P<round>\d+))?\.json$")
+NAME = re.compile(r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)(?:-r(?P<repeat>\d+))?"
+                  r"(?:-(?P<script>[a-z]+))?\.json$")
 COLUMNS = ["engine", "concurrency", "server", "completed", "output_tok_s", "tpot_ms", "ttft_ms", "speedup",
-           "speedup_per_round", "acceptance_length", "acceptance_per_position"]
+           "speedup_per_repeat", "acceptance_length", "acceptance_per_position"]
 
 
 def _find(obj, key):
@@ -39,21 +43,31 @@ def _find(obj, key):
     return None
 
 
-def _throughput(results: list[dict]) -> float:
+def _throughput(results) -> float:
+    results = list(results)
     return sum(r["total_output_tokens"] for r in results) / sum(r["duration"] for r in results)
 
 
-def _row(engine: str, concurrency: int, server: str, rounds: dict[int, dict]) -> dict:
-    """One server at one concurrency, its rounds added up."""
-    results = [rounds[i] for i in sorted(rounds)]
+def _row(engine: str, concurrency: int, server: str, parts: dict[tuple, dict], base: dict[tuple, dict],
+         script: str = "") -> dict:
+    """One server at one concurrency, its parts ({(repeat, script): result}) added up; speed-up
+    over the baseline's same parts `base`, in all and (with repeats) per repeat."""
+    results = [parts[k] for k in sorted(parts)]  # the order they ran in
     done = sum(r["completed"] for r in results)
 
-    def mean(key):  # per-request means, weighted by each round's requests
+    def mean(key):  # per-request means, weighted by each part's requests
         return sum(r[key] * r["completed"] for r in results) / done if done else None
 
-    row = {"engine": engine, "concurrency": concurrency, "server": server,
+    def repeat(d, n):
+        return [r for (i, _), r in d.items() if i == n]
+
+    paired = sorted({i for i, _ in parts} & {i for i, _ in base}) if server != "baseline" else []
+    row = {"engine": engine, "concurrency": concurrency, "server": server, **({"script": script} if script else {}),
            "completed": f"{done}/{sum(r['num_prompts'] for r in results)}", "output_tok_s": _throughput(results),
            "tpot_ms": mean("mean_tpot_ms"), "ttft_ms": mean("mean_ttft_ms"),
+           "speedup": _throughput(results) / _throughput(base.values()) if base else None,
+           "speedup_per_repeat": ([_throughput(repeat(parts, n)) / _throughput(repeat(base, n)) for n in paired]
+                                  if len(paired) > 1 else None),
            "acceptance_length": None, "acceptance_per_position": None}
     drafts = sum(r.get("spec_decode_num_drafts") or 0 for r in results)
     if drafts:  # vLLM: per-position rates are accepted tokens at that position per draft
@@ -61,13 +75,14 @@ def _row(engine: str, concurrency: int, server: str, rounds: dict[int, dict]) ->
         rates = [r["spec_decode_per_position_acceptance_rates"] for r in results]
         row["acceptance_per_position"] = [sum(rate[i] * r["spec_decode_num_drafts"] for rate, r in zip(rates, results)) / drafts
                                           for i in range(len(rates[0]))]
-    else:
+    elif not script:  # SGLang's running average is the whole run's, not a writing system's
         row["acceptance_length"] = results[-1].get("sglang_accept_length")
     return row
 
 
-def read_results(folder: Path) -> list[dict]:
-    runs: dict[tuple, dict[int, dict]] = {}
+def read_runs(folder: Path) -> dict[tuple, dict[tuple, dict]]:
+    """{(engine, concurrency, server): {(repeat, script): result}} from the result files."""
+    runs: dict[tuple, dict[tuple, dict]] = {}
     for path in sorted(folder.glob("*.json")):
         m = NAME.match(path.name)
         if not m:
@@ -76,14 +91,24 @@ def read_results(folder: Path) -> list[dict]:
         info = path.with_name(path.stem + ".server_info.json")
         if info.exists():
             r["sglang_accept_length"] = _find(json.loads(info.read_text()), "avg_spec_accept_length")
-        runs.setdefault((m["engine"], int(m["c"]), m["server"]), {})[int(m["round"] or 0)] = r
-    rows = []
-    for (engine, c, server), rounds in runs.items():
-        row, base = _row(engine, c, server, rounds), runs.get((engine, c, "baseline"))
-        row["speedup"] = row["output_tok_s"] / _throughput(list(base.values())) if base else None
-        paired = sorted(rounds.keys() & base.keys()) if base and server != "baseline" else []
-        row["speedup_per_round"] = ([_throughput([rounds[i]]) / _throughput([base[i]]) for i in paired]
-                                    if len(paired) > 1 else None)
+        runs.setdefault((m["engine"], int(m["c"]), m["server"]), {})[int(m["repeat"] or 0), m["script"] or ""] = r
+    return runs
+
+
+def _only(parts: dict[tuple, dict], script: str) -> dict[tuple, dict]:
+    return {k: r for k, r in parts.items() if k[1] == script}
+
+
+def read_results(folder: Path) -> list[dict]:
+    """A row per engine, concurrency and server (the order of COLUMNS), with `by_script` rows when
+    the prompts were served one writing system at a time."""
+    runs, rows = read_runs(folder), []
+    for (engine, c, server), parts in runs.items():
+        base = runs.get((engine, c, "baseline"), {})
+        row = _row(engine, c, server, parts, base)
+        scripts = sorted({s for _, s in parts if s})
+        if scripts:  # the prompts were served one writing system at a time
+            row["by_script"] = {s: _row(engine, c, server, _only(parts, s), _only(base, s), s) for s in scripts}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["engine"], r["concurrency"], r["server"] != "baseline"))
 
@@ -99,8 +124,13 @@ def _cell(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    """One line per row; with writing systems, a `script` column and each row's by_script rows under it."""
+    columns = COLUMNS
+    if any("by_script" in r for r in rows):
+        columns = COLUMNS[:3] + ["script"] + COLUMNS[3:]
+        rows = [s for r in rows for s in [r | {"script": "all"}, *r.get("by_script", {}).values()]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

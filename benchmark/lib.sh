@@ -1,5 +1,6 @@
-# Shared by benchmark/{vllm,sglang}/{serve,benchmark}.sh: runtimes, background servers, health.
-# Each engine's script sets its defaults, builds its command and calls these.
+# Shared by benchmark/{vllm,sglang}/serve.sh: runtimes, background servers, health.  Each
+# engine's script sets its defaults, builds its command and calls these.  benchmark.sh takes
+# only $PYTHON and need_project_python from here (its loop is benchmark/run.py).
 
 set -euo pipefail
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -48,8 +48,8 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     assert rows["baseline"]["completed"] == rows["eagle3"]["completed"] == "2/2"  # completed == requested
     assert rows["eagle3"]["acceptance_length"] >= 1.0 and len(rows["eagle3"]["acceptance_per_position"]) == 3
     assert rows["eagle3"]["speedup"] > 0 and rows["baseline"]["acceptance_length"] is None
-    assert len(rows["eagle3"]["speedup_per_round"]) == p["served_rounds"] == 2  # interleaved rounds
-    assert "x (rounds: " in row and row.rstrip().endswith("| yes |")  # greedy == plain
+    assert len(rows["eagle3"]["speedup_per_repeat"]) == p["served_repeats"] == 2  # interleaved halves
+    assert "x (repeats: " in row and row.rstrip().endswith("| yes |")  # greedy == plain
     verified = json.loads((out / "verify_sharegpt.json").read_text())  # the served draft is the trained one
     assert verified["failures"] == [] and set(verified["checks"]) == {"config", "template", "mask", "greedy", "acceptance"}
     assert verified["acceptance"]["total"]["prompts"] == p["verify_prompts"]
@@ -102,3 +102,16 @@ def test_the_recipes_draft_options_reach_the_draft_config_and_a_typo_is_refused(
     monkeypatch.setattr(demo, "recipe", lambda profile: recipe(profile) | {"draft_options": {"fc_nrom": True}})
     with pytest.raises(UserError, match=r"cpu_demo.toml: draft_options \['fc_nrom'\] are not draft options"):
         Demo("quick", tmp_path / "typo")
+
+
+def test_a_folder_of_the_served_rounds_setting_resumes_as_served_repeats(tmp_path):
+    """served_repeats was served_rounds: a folder recorded under the old name is the same recipe."""
+    Demo("quick", tmp_path).claim_folder()
+    recorded = json.loads((tmp_path / "recipe.json").read_text())
+    recorded["served_rounds"] = recorded.pop("served_repeats")
+    (tmp_path / "recipe.json").write_text(json.dumps(recorded))
+    Demo("quick", tmp_path).claim_folder()
+    recorded["served_rounds"] = 3  # and a changed value is still a change
+    (tmp_path / "recipe.json").write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"served_repeats 3 -> 2"):
+        Demo("quick", tmp_path).claim_folder()

@@ -140,7 +140,7 @@ class Demo:
             folder = self.out / "served" / name
             self.run("bash", ROOT / "benchmark" / "vllm" / "benchmark.sh", "--dataset", path,
                      "--num-prompts", self.p["eval_prompts"], "--output-len", self.p["eval_tokens"],
-                     "--rounds", self.p["served_rounds"],
+                     "--repeats", self.p["served_repeats"],
                      "--served-name", SERVED_NAME, "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}",
                      "--eagle-url", f"http://127.0.0.1:{self.ports['eagle3']}", "--result-dir", folder)
             results[name] = {r["server"]: r for r in json.loads((folder / "compare.json").read_text())}
@@ -225,9 +225,12 @@ class Demo:
 def read_recipe(path: Path) -> dict:
     """The recipe a demo folder was made with."""
     try:
-        return json.loads(path.read_text())
+        recorded = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not the JSON a demo wrote ({e.msg}); remove the folder or pass --out for a new one") from None
+    if "served_rounds" in recorded:  # served_repeats' old name: the same setting
+        recorded["served_repeats"] = recorded.pop("served_rounds")
+    return recorded
 
 
 def summary_table(served: dict, verified: dict, k: int) -> str:
@@ -238,8 +241,8 @@ def summary_table(served: dict, verified: dict, k: int) -> str:
     for name, rows in served.items():
         eagle, report = rows["eagle3"], verified[name]
         tau, per_pos = eagle.get("acceptance_length"), eagle.get("acceptance_per_position") or []
-        repeats = eagle.get("speedup_per_round")
-        spread = f" (rounds: {' '.join(f'{x:.2f}x' for x in repeats)})" if repeats else ""
+        repeats = eagle.get("speedup_per_repeat")
+        spread = f" (repeats: {' '.join(f'{x:.2f}x' for x in repeats)})" if repeats else ""
         total = report["acceptance"]["total"]
         lines.append(f"| {name} ({eagle['completed'].split('/')[0]}) | {'-' if tau is None else f'{tau:.2f}'} | "
                      f"{' '.join(f'{x:.2f}' for x in per_pos) or '-'} | {eagle.get('speedup') or 0:.2f}x{spread} | "

@@ -7,7 +7,8 @@
 # Same prompts, greedy, for each concurrency level: baseline, then EAGLE-3, through SGLang's
 # OpenAI completions API.  After each run the server's /get_server_info (which holds
 # SGLang's average acceptance length) is saved next to the result JSON.
-ENGINE=sglang BACKEND=openai
-source "$(dirname "${BASH_SOURCE[0]}")/../bench.sh"
-after_run() { curl -sf "$2/get_server_info" -o "$3.server_info.json" || echo "no /get_server_info at $2" >&2; }
-bench_main "$@"
+# The loop and its flags (--help) are benchmark/run.py's.
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+need_project_python
+export PYTHON PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m benchmark.run --engine sglang "$@"

@@ -7,6 +7,8 @@
 # Same prompts, greedy, for each concurrency level: baseline, then EAGLE-3.  Saves vLLM's
 # result JSONs (with the EAGLE-3 server's acceptance length and per-position acceptance,
 # read from its /metrics) and prints the comparison table (benchmark/compare.py).
-ENGINE=vllm BACKEND=vllm
-source "$(dirname "${BASH_SOURCE[0]}")/../bench.sh"
-bench_main "$@"
+# The loop and its flags (--help) are benchmark/run.py's.
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+need_project_python
+export PYTHON PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m benchmark.run --engine vllm "$@"
