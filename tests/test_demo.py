@@ -7,6 +7,7 @@ loads a trained draft, serves it as trained, and that the served table is comple
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     assert rows["eagle3"]["acceptance_length"] >= 1.0 and len(rows["eagle3"]["acceptance_per_position"]) == 3
     assert rows["eagle3"]["speedup"] > 0 and rows["baseline"]["acceptance_length"] is None
     assert len(rows["eagle3"]["speedup_per_repeat"]) == p["served_repeats"] == 2  # interleaved halves
-    assert "x (repeats: " in row and row.rstrip().endswith("| yes |")  # greedy == plain
+    assert "x (repeats: " in row and re.search(r"\| yes( \(\d at a near-tie\))? \|$", row.rstrip())  # greedy == plain
     verified = json.loads((out / "verify_sharegpt.json").read_text())  # the served draft is the trained one
     assert verified["failures"] == [] and set(verified["checks"]) == {"config", "template", "mask", "greedy", "acceptance"}
     assert verified["acceptance"]["total"]["prompts"] == p["verify_prompts"]

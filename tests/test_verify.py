@@ -161,3 +161,33 @@ def test_a_users_mistake_is_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "traineagle3.verify", "--target", "smollm2-135m-instruct",
                         "--draft", str(tmp_path), *args], cwd=tmp_path, env=run_env(), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_greedy_passes_an_output_that_differs_at_a_near_tie_only_and_fails_one_the_target_did_not_pick(tiny_target):
+    """Where the served output leaves plain greedy, each token it served is scored by the
+    target: the runner-up of a close call is a near-tie, any token further behind fails."""
+    from traineagle3.evaluate import greedy
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
+    prompt = [5, 17, 42, 9]
+    plain = greedy(target, torch.tensor([prompt]), 12, set()).tokens
+    with torch.no_grad():
+        top2 = target(torch.tensor([prompt + plain])).logits[0, len(prompt) - 1:-1].topk(2, -1)
+    margins = top2.values[:, 0] - top2.values[:, 1]
+    j = int(margins.argmin())  # the closest call along the answer
+    row = {"id": 7, "prompt_ids": prompt, "plain_output": plain}
+    assert verify.greedy_check(target, [dict(row, output=plain)], 0.0) == (
+        None, "1 outputs identical to plain greedy, token for token", 0)
+
+    swapped = plain[:j] + [int(top2.indices[j, 1])]  # the runner-up served at j, then greedy from there on
+    swapped += greedy(target, torch.tensor([prompt + swapped]), len(plain) - len(swapped), set()).tokens
+    m = float(margins[j])
+    problem, line, ties = verify.greedy_check(target, [dict(row, output=swapped)], 2 * m)
+    assert problem is None and ties == 1 and f"0 of 1 outputs identical to plain greedy; 1 part at a near-tie (first at token {j})" in line
+    problem, _, ties = verify.greedy_check(target, [dict(row, output=swapped)], m / 2)
+    assert ties == 0 and problem.startswith(f"1 of 1 outputs differ from plain greedy; prompt 7's output token {j} trails")
+
+    with torch.no_grad():  # the target's last choice at j: far behind, whatever the tolerance of bf16
+        worst = int(target(torch.tensor([prompt + plain[:j]])).logits[0, -1].argmin())
+    problem, _, _ = verify.greedy_check(target, [dict(row, output=plain[:j] + [worst] + plain[j + 1:])], verify.NEAR_TIE["bfloat16"])
+    assert problem is not None and f"token {j} trails" in problem

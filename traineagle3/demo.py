@@ -247,8 +247,14 @@ def summary_table(served: dict, verified: dict, k: int) -> str:
         lines.append(f"| {name} ({eagle['completed'].split('/')[0]}) | {'-' if tau is None else f'{tau:.2f}'} | "
                      f"{' '.join(f'{x:.2f}' for x in per_pos) or '-'} | {eagle.get('speedup') or 0:.2f}x{spread} | "
                      f"{total['offline_tau']:.2f} vs served {total['served_tau']:.2f} ({total['prompts']} prompts) | "
-                     f"{'yes' if report['checks']['greedy']['ok'] else 'NO'} |")
+                     f"{greedy_cell(report['checks']['greedy'])} |")
     return "\n".join(lines)
+
+
+def greedy_cell(check: dict) -> str:
+    if not check["ok"]:
+        return "NO"
+    return f"yes ({check['near_ties']} at a near-tie)" if check.get("near_ties") else "yes"
 
 
 def verify_lines(verified: dict) -> str:

@@ -10,7 +10,11 @@ looks healthy.  Each check prints PASS or FAIL with one line of why; the exit st
   template    the server's own tokenisation (/tokenize) of each chat prompt a client
               sends equals the tokens training renders for that conversation
   mask        one training sample's loss mask, printed readably; neither all 0 nor all 1
-  greedy      the EAGLE-3 server's greedy output equals the plain server's, token for token
+  greedy      the EAGLE-3 server's greedy output equals the plain server's, token for token;
+              where it differs, every token it served must still be the target's greedy
+              choice up to a near-tie (NEAR_TIE logits): in bf16, verifying k+1 tokens in one
+              batch rounds differently than decoding one, so two tokens of equal score can
+              swap; a token the target clearly did not pick fails
   acceptance  acceptance per draft position served (the server's /metrics, counted per
               prompt) against the offline evaluator forced along the same served outputs,
               with the trained draft (--trained, else the served folder); a gap above
@@ -45,6 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # floating-point order (vLLM's kernels vs HF's) and the bf16 export vs the trained weights.
 # A correct draft's largest gap measured here was 0.015 (docs/RESULTS.md): twice that.
 TOLERANCE = 0.03
+# How far (in logits) a served token may trail the target's top one and still count as its
+# greedy choice: about two bf16 steps at logit sizes of 16-32; float32 kernels differ in the
+# last bits only.  The offline target's own logits carry this rounding too.
+NEAR_TIE = {"bfloat16": 0.25, "float16": 0.05, "float32": 0.01}
 METRIC = re.compile(r'^vllm:(spec_decode_num_drafts|spec_decode_num_accepted_tokens_per_pos|request_success)_total'
                     r'\{([^}]*)\}\s+([0-9.e+]+)$', re.M)
 
@@ -233,11 +241,45 @@ class Verifier:
         print(f"loss mask of one training sample ([[trained]]):\n{mask_dump(self.tokenizer, ids, mask)}")
         self.check("mask", None if 0 < sum(mask) < len(mask) else f"{sum(mask)} of {len(mask)} tokens trained",
                    f"{sum(mask)} of {len(mask)} tokens trained")
-        differ = [r["id"] for r in rows if r["output"] != r["plain_output"]]
-        self.check("greedy", f"{len(differ)} of {len(rows)} outputs differ from plain greedy (first: prompt {differ[0]})"
-                   if differ else None, f"{len(rows)} outputs identical to plain greedy, token for token")
+        problem, ok_line, near_ties = greedy_check(self.target, rows, NEAR_TIE[self.args.dtype])
+        self.check("greedy", problem, ok_line)
+        self.report["checks"]["greedy"]["near_ties"] = near_ties
         self.acceptance(rows)
         self.report["prompts"] = [{k: v for k, v in r.items() if k != "sample"} for r in rows]
+
+
+def greedy_gaps(target, prompt_ids: list[int], output: list[int]) -> list[float]:
+    """Per output token, how far (in logits) it trails the target's top token after the same
+    prefix: 0 where it is the greedy choice.  One target pass over prompt + output."""
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt_ids + output])).logits[0, len(prompt_ids) - 1:-1].float()
+    chosen = logits.gather(-1, torch.tensor(output)[:, None])[:, 0]
+    return (logits.max(-1).values - chosen).tolist()
+
+
+def greedy_check(target, rows: list[dict], tolerance: float) -> tuple[str | None, str, int]:
+    """(problem or None, the line when it passes, how many outputs differ at near-ties only).
+
+    An output that differs from plain greedy passes when each of its tokens trails the
+    target's top token by at most `tolerance` logits: two near-equal candidates swapped by
+    rounding, after which the two answers go their own ways.
+    """
+    differ = [r for r in rows if r["output"] != r["plain_output"]]
+    if not differ:
+        return None, f"{len(rows)} outputs identical to plain greedy, token for token", 0
+    for r in differ:
+        r["greedy_gaps"] = gaps = greedy_gaps(target, r["prompt_ids"], r["output"])
+        r["first_difference"] = next((i for i, (a, b) in enumerate(zip(r["output"], r["plain_output"])) if a != b),
+                                     min(len(r["output"]), len(r["plain_output"])))
+    worst = max(differ, key=lambda r: max(r["greedy_gaps"]))
+    gap = max(worst["greedy_gaps"])
+    at = worst["greedy_gaps"].index(gap)
+    if gap > tolerance:
+        return (f"{len(differ)} of {len(rows)} outputs differ from plain greedy; prompt {worst['id']}'s output token "
+                f"{at} trails the target's greedy choice by {gap:.3f} logits (a near-tie is <= {tolerance})", "", 0)
+    return None, (f"{len(rows) - len(differ)} of {len(rows)} outputs identical to plain greedy; {len(differ)} part "
+                  f"at a near-tie (first at token {min(r['first_difference'] for r in differ)}), every served token "
+                  f"within {gap:.3f} logits of the target's greedy choice (<= {tolerance})"), len(differ)
 
 
 def parse_args(argv=None):
