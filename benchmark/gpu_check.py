@@ -43,14 +43,18 @@ MAIN = REPO / "traineagle3" / "llama" / "main.py"
 EQUIV_FACTOR = 3.0
 # per shape: bench_train runs (seq len, micro-batches), bench flags, training-run settings
 PLANS = {
-    "llama-8b": dict(bench=[(2048, [1, 2, 4]), (8192, [1])], bench_flags=["--dtype", "bf16"],
-                     train=dict(seq_len=2048, micro=2, steps=12, log_every=4, conversations=40, draft_vocab=32000,
-                                words=50000),
-                     equiv=dict(heads=32, kv_heads=8, head_dim=128, seq_len=1024, draft_len=64)),
-    "tiny": dict(bench=[(128, [1, 2]), (256, [1])],
-                 bench_flags=["--dtype", "fp32", "--draft-vocab", "512", "--warmup", "1", "--iters", "1"],
-                 train=dict(seq_len=128, micro=2, steps=4, log_every=2, conversations=24, draft_vocab=512, words=8000),
-                 equiv=dict(heads=4, kv_heads=2, head_dim=16, seq_len=96, draft_len=24)),
+    "llama-8b": dict(
+        bench=[(2048, [1, 2, 4]), (8192, [1])],
+        bench_flags=["--dtype", "bf16"],
+        train=dict(seq_len=2048, micro=2, steps=12, log_every=4, conversations=40, draft_vocab=32000, words=50000),
+        equiv=dict(heads=32, kv_heads=8, head_dim=128, seq_len=1024, draft_len=64),
+    ),
+    "tiny": dict(
+        bench=[(128, [1, 2]), (256, [1])],
+        bench_flags=["--dtype", "fp32", "--draft-vocab", "512", "--warmup", "1", "--iters", "1"],
+        train=dict(seq_len=128, micro=2, steps=4, log_every=2, conversations=24, draft_vocab=512, words=8000),
+        equiv=dict(heads=4, kv_heads=2, head_dim=16, seq_len=96, draft_len=24),
+    ),
 }
 
 
@@ -70,18 +74,36 @@ def run_logged(cmd: list[str], log: Path, **kw) -> int:
     start = time.perf_counter()
     with log.open("w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw).returncode
-    print(f"  {' '.join(map(str, cmd[:4]))} ... -> rc {rc} in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
+    print(
+        f"  {' '.join(map(str, cmd[:4]))} ... -> rc {rc} in {time.perf_counter() - start:.0f} s (log: {log})",
+        flush=True,
+    )
     return rc
 
 
 # bench ------------------------------------------------------------------------------------
 
+
 def bench(args, plan: dict, out: Path) -> list[dict]:
     rows = []
     for seq_len, batches in plan["bench"]:
         result = out / f"bench_L{seq_len}.json"
-        cmd = [sys.executable, "-m", "traineagle3.bench_train", "--shape", args.shape, "--seq-len", str(seq_len),
-               "--micro-batch", *map(str, batches), "--ttt-steps", "7", *plan["bench_flags"], "--json", str(result)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "traineagle3.bench_train",
+            "--shape",
+            args.shape,
+            "--seq-len",
+            str(seq_len),
+            "--micro-batch",
+            *map(str, batches),
+            "--ttt-steps",
+            "7",
+            *plan["bench_flags"],
+            "--json",
+            str(result),
+        ]
         rc = run_logged(cmd, out / f"bench_L{seq_len}.log", cwd=REPO)
         if rc != 0:
             rows.append({"part": "bench", "seq_len": seq_len, "error": f"rc {rc}, see {out / f'bench_L{seq_len}.log'}"})
@@ -89,8 +111,11 @@ def bench(args, plan: dict, out: Path) -> list[dict]:
         data = json.loads(result.read_text())
         ratio = {q["micro_batch"]: q for q in data["ratios"]}
         for r in data["results"]:
-            row = {"part": "bench", "seq_len": seq_len, **{k: r.get(k) for k in
-                   ("impl", "micro_batch", "oom", "tokens_per_s", "peak_gib", "step_gib")}}
+            row = {
+                "part": "bench",
+                "seq_len": seq_len,
+                **{k: r.get(k) for k in ("impl", "micro_batch", "oom", "tokens_per_s", "peak_gib", "step_gib")},
+            }
             if r["impl"] == "efficient" and r["micro_batch"] in ratio:
                 row["tokens_per_s_x"] = ratio[r["micro_batch"]]["tokens_per_s"]
                 row["peak_gib_x"] = ratio[r["micro_batch"]]["peak_gib"]
@@ -99,6 +124,7 @@ def bench(args, plan: dict, out: Path) -> list[dict]:
 
 
 # train ------------------------------------------------------------------------------------
+
 
 def word_tokenizer(words: int):
     """A word-level tokenizer with a Llama-3-style chat template: real ids, no download."""
@@ -109,13 +135,15 @@ def word_tokenizer(words: int):
     vocab = {t: i for i, t in enumerate(special + ["user", "assistant"] + [f"w{i}" for i in range(words)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[3],
-                                   unk_token="<unk>", pad_token=special[3])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=special[0], eos_token=special[3], unk_token="<unk>", pad_token=special[3]
+    )
     fast.add_special_tokens({"additional_special_tokens": special[1:3]})
     fast.chat_template = (
         "{{ bos_token }}{% for m in messages %}<|start_header_id|> {{ m['role'] }} <|end_header_id|> "
         "{{ m['content'] | trim }} <|eot_id|> {% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|> assistant <|end_header_id|> {% endif %}")
+        "{% if add_generation_prompt %}<|start_header_id|> assistant <|end_header_id|> {% endif %}"
+    )
     return fast
 
 
@@ -166,28 +194,72 @@ def train_run(args, t: dict, target: Path, data: Path, out: Path, mode: str) -> 
     from traineagle3.net import free_port
 
     run = out / f"train_{mode}"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-           str(MAIN), "--deepspeed_config", str(ds_config(out, args.device, t["micro"])), "--target", str(target),
-           "--train_data", str(data), "--output_dir", str(run / "out"), "--cache_dir", str(run / "cache"),
-           "--max_length", str(t["seq_len"]), "--draft_vocab_size", str(t["draft_vocab"]), "--ttt_steps", "7",
-           "--epochs", "1", "--max_steps", str(t["steps"]), "--log_every", str(t["log_every"]),
-           "--save_every", "1000000", "--num_proc", "1", "--progress", "false", "--test_fraction", "0.1",
-           "--feature_cache", str(mode == "cached").lower()]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(MAIN),
+        "--deepspeed_config",
+        str(ds_config(out, args.device, t["micro"])),
+        "--target",
+        str(target),
+        "--train_data",
+        str(data),
+        "--output_dir",
+        str(run / "out"),
+        "--cache_dir",
+        str(run / "cache"),
+        "--max_length",
+        str(t["seq_len"]),
+        "--draft_vocab_size",
+        str(t["draft_vocab"]),
+        "--ttt_steps",
+        "7",
+        "--epochs",
+        "1",
+        "--max_steps",
+        str(t["steps"]),
+        "--log_every",
+        str(t["log_every"]),
+        "--save_every",
+        "1000000",
+        "--num_proc",
+        "1",
+        "--progress",
+        "false",
+        "--test_fraction",
+        "0.1",
+        "--feature_cache",
+        str(mode == "cached").lower(),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if args.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     run.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rc = run_logged(cmd, run / "run.log", cwd=MAIN.parent, env=env)
-    row = {"part": "train", "features": mode, "seq_len": t["seq_len"], "micro_batch": t["micro"],
-           "wall_s": round(time.perf_counter() - start, 1)}
+    row = {
+        "part": "train",
+        "features": mode,
+        "seq_len": t["seq_len"],
+        "micro_batch": t["micro"],
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
     metrics = run / "out" / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         return {**row, "error": f"rc {rc}, see {run / 'run.log'}"}
     train = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["split"] == "train"]
     windows = train[1:] or train  # the first window holds the warm-up
-    return {**row, "steps": train[-1]["step"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
-            "peak_gib": train[-1].get("peak_mem_gib"), "loss0_first": train[0]["loss"][0], "loss0_last": train[-1]["loss"][0]}
+    return {
+        **row,
+        "steps": train[-1]["step"],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
+        "peak_gib": train[-1].get("peak_mem_gib"),
+        "loss0_first": train[0]["loss"][0],
+        "loss0_last": train[-1]["loss"][0],
+    }
 
 
 def train(args, plan: dict, out: Path) -> list[dict]:
@@ -198,6 +270,7 @@ def train(args, plan: dict, out: Path) -> list[dict]:
 
 
 # equiv ------------------------------------------------------------------------------------
+
 
 def max_err(got, exact) -> float:
     """Largest absolute difference; a missing gradient counts as zero (the output ignored that input)."""
@@ -218,7 +291,7 @@ def attention_errors(device: str, dtype, e: dict, steps: int = 4) -> tuple[float
 
     def run(fn, dev, dt):
         leaves = [x.detach().to(dev, dt).requires_grad_() for x in inputs[:-1]]
-        o = fn(leaves[0], leaves[1:1 + steps], leaves[1 + steps:], 1 / math.sqrt(d))
+        o = fn(leaves[0], leaves[1 : 1 + steps], leaves[1 + steps :], 1 / math.sqrt(d))
         o.backward(inputs[-1].to(dev, dt))
         return [o.detach()] + [x.grad for x in leaves]
 
@@ -239,11 +312,15 @@ def ttt_and_chain_logits(draft, aux, ids, t: int, steps: int) -> tuple[list, lis
         hook.remove()
         ttt = [c[0, t] for c in captured[:steps]]
         kv, fused = KVCache(), draft.fc(aux)
-        logits, hidden = draft.step(ids[:, 1:t + 2], fused[:, :t + 1], torch.arange(t + 1, device=ids.device)[None], kv)
+        logits, hidden = draft.step(
+            ids[:, 1 : t + 2], fused[:, : t + 1], torch.arange(t + 1, device=ids.device)[None], kv
+        )
         chain = [logits[0, -1]]
         hidden = hidden[:, -1:]
         for k in range(1, steps):
-            logits, hidden = draft.step(ids[:, t + 1 + k:t + 2 + k], hidden, torch.tensor([[t + k]], device=ids.device), kv)
+            logits, hidden = draft.step(
+                ids[:, t + 1 + k : t + 2 + k], hidden, torch.tensor([[t + k]], device=ids.device), kv
+            )
             chain.append(logits[0, -1])
     return ttt, chain
 
@@ -281,16 +358,34 @@ def equiv(args, plan: dict, out: Path) -> list[dict]:
     e, device = plan["equiv"], args.device
     dtype = torch.bfloat16
     merged, reference = attention_errors(device, dtype, e)
-    rows = [{"part": "equiv", "check": "merged attention vs float64", "err": merged, "against": "reference attention",
-             "against_err": reference, "ok": merged <= EQUIV_FACTOR * reference}]
+    rows = [
+        {
+            "part": "equiv",
+            "check": "merged attention vs float64",
+            "err": merged,
+            "against": "reference attention",
+            "against_err": reference,
+            "ok": merged <= EQUIV_FACTOR * reference,
+        }
+    ]
     c = chain_errors(args.shape, device, dtype, e)
-    rows.append({"part": "equiv", "check": "TTT logits vs float64 chain", "err": c["ttt_err"],
-                 "against": "bf16 chain drafting", "against_err": c["chain_err"], "logit_scale": c["logit_scale"],
-                 "top1_agree": c["top1_agree"], "ok": c["ttt_err"] <= EQUIV_FACTOR * c["chain_err"]})
+    rows.append(
+        {
+            "part": "equiv",
+            "check": "TTT logits vs float64 chain",
+            "err": c["ttt_err"],
+            "against": "bf16 chain drafting",
+            "against_err": c["chain_err"],
+            "logit_scale": c["logit_scale"],
+            "top1_agree": c["top1_agree"],
+            "ok": c["ttt_err"] <= EQUIV_FACTOR * c["chain_err"],
+        }
+    )
     return rows
 
 
 # report -----------------------------------------------------------------------------------
+
 
 def fmt(x, spec=".2f") -> str:
     return "-" if x is None else format(x, spec) if isinstance(x, float) else str(x)
@@ -302,20 +397,36 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['part']:<6} L={r['seq_len']}: FAILED ({r['error']})")
         elif r["part"] == "bench":
-            what = "out of memory" if r["oom"] else (
-                f"{fmt(r['tokens_per_s'], '.0f')} tokens/s, peak {fmt(r['peak_gib'])} GiB"
-                + (f" (x{fmt(r['tokens_per_s_x'])} tokens/s, x{fmt(r['peak_gib_x'])} memory vs reference)"
-                   if "tokens_per_s_x" in r else ""))
+            what = (
+                "out of memory"
+                if r["oom"]
+                else (
+                    f"{fmt(r['tokens_per_s'], '.0f')} tokens/s, peak {fmt(r['peak_gib'])} GiB"
+                    + (
+                        f" (x{fmt(r['tokens_per_s_x'])} tokens/s, x{fmt(r['peak_gib_x'])} memory vs reference)"
+                        if "tokens_per_s_x" in r
+                        else ""
+                    )
+                )
+            )
             lines.append(f"bench  L={r['seq_len']} micro-batch {r['micro_batch']} {r['impl']:<9}: {what}")
         elif r["part"] == "train":
-            lines.append(f"train  L={r['seq_len']} micro-batch {r['micro_batch']} {r['features']:<6} features: "
-                         f"{fmt(r['tokens_per_s'], '.0f')} tokens/s, peak {fmt(r['peak_gib'])} GiB, {r['steps']} steps, "
-                         f"step-0 loss {fmt(r['loss0_first'])} -> {fmt(r['loss0_last'])}, {r['wall_s']:.0f} s in all")
+            lines.append(
+                f"train  L={r['seq_len']} micro-batch {r['micro_batch']} {r['features']:<6} features: "
+                f"{fmt(r['tokens_per_s'], '.0f')} tokens/s, peak {fmt(r['peak_gib'])} GiB, {r['steps']} steps, "
+                f"step-0 loss {fmt(r['loss0_first'])} -> {fmt(r['loss0_last'])}, {r['wall_s']:.0f} s in all"
+            )
         else:
-            lines.append(f"equiv  {r['check']}: max error {r['err']:.2e} vs {r['against']}'s {r['against_err']:.2e}"
-                         + (f" (logits up to {r['logit_scale']:.1f}, top-1 agrees {100 * r['top1_agree']:.0f}%)"
-                            if "top1_agree" in r else "") + f": {'ok' if r['ok'] else 'FAILED'}"
-                         f" (bar: within {EQUIV_FACTOR:g}x)")
+            lines.append(
+                f"equiv  {r['check']}: max error {r['err']:.2e} vs {r['against']}'s {r['against_err']:.2e}"
+                + (
+                    f" (logits up to {r['logit_scale']:.1f}, top-1 agrees {100 * r['top1_agree']:.0f}%)"
+                    if "top1_agree" in r
+                    else ""
+                )
+                + f": {'ok' if r['ok'] else 'FAILED'}"
+                f" (bar: within {EQUIV_FACTOR:g}x)"
+            )
     return "\n".join(lines)
 
 
@@ -330,8 +441,14 @@ def main(argv=None) -> int:
     for part in args.parts:
         print(f"{part}:", flush=True)
         rows += {"bench": bench, "train": train, "equiv": equiv}[part](args, plan, out)
-    report = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "shape": args.shape, "torch": torch.__version__,
-              "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name,
+        "shape": args.shape,
+        "torch": torch.__version__,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "rows": rows,
+    }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(table(rows))
     print(f"{report['wall_s']:.0f} s; written to {out / 'gpu_check.json'}")

@@ -26,9 +26,9 @@ from traineagle3.records import read_prompts, writing_system
 
 @dataclass
 class Part:
-    repeat: int         # 1..R
-    script: str         # the prompts' writing system; '' when the prompts are not split by it
-    suffix: str         # of its prompt file's and its results' names: [-r<repeat>][-<script>]
+    repeat: int  # 1..R
+    script: str  # the prompts' writing system; '' when the prompts are not split by it
+    suffix: str  # of its prompt file's and its results' names: [-r<repeat>][-<script>]
     prompts: list[str]
 
 
@@ -39,8 +39,10 @@ def split(prompts: list[str], repeats: int) -> list[Part]:
     parts: dict[tuple[int, str], list[str]] = {}
     for j, (prompt, script) in enumerate(zip(prompts, scripts)):
         parts.setdefault((j % repeats + 1, script if by_script else ""), []).append(prompt)
-    return [Part(i, s, (f"-r{i}" if repeats > 1 else "") + (f"-{s}" if s else ""), ps)
-            for (i, s), ps in sorted(parts.items())]
+    return [
+        Part(i, s, (f"-r{i}" if repeats > 1 else "") + (f"-{s}" if s else ""), ps)
+        for (i, s), ps in sorted(parts.items())
+    ]
 
 
 def read(src: str, limit: int | None, repeats: int) -> list[str]:
@@ -55,6 +57,7 @@ def read(src: str, limit: int | None, repeats: int) -> list[str]:
 
 def write(prompts: list[str], parts: list[Part], out: Path) -> None:
     """All the prompts to `out`, and each part to its own file when there is more than one."""
+
     def lines(ps):
         return "".join(json.dumps({"prompt": p}) + "\n" for p in ps)
 
@@ -75,8 +78,10 @@ def main(argv=None) -> None:
     prompts = read(a.src, a.limit, a.repeats)
     parts = split(prompts, a.repeats)
     write(prompts, parts, a.out)
-    print(f"{len(prompts)} prompts from {a.src} -> {a.out}"
-          + (f" and {len(parts)} parts: {', '.join(p.suffix[1:] for p in parts)}" if len(parts) > 1 else ""))
+    print(
+        f"{len(prompts)} prompts from {a.src} -> {a.out}"
+        + (f" and {len(parts)} parts: {', '.join(p.suffix[1:] for p in parts)}" if len(parts) > 1 else "")
+    )
 
 
 if __name__ == "__main__":

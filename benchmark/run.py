@@ -43,29 +43,51 @@ def env(name: str, default: str) -> str:
 
 
 def parser() -> Parser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-               epilog="-- ARGS: passed to vllm bench serve as they are")
+    p = Parser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        epilog="-- ARGS: passed to vllm bench serve as they are",
+    )
 
     def option(flag, var, default, text, **kw):  # [VAR] in the help: the environment variable it defaults to
         p.add_argument(flag, default=env(var, default), help=f"[{var}] {text}", **kw)
 
     p.add_argument("--engine", choices=sorted(BACKEND), required=True, help="the servers' engine (set by benchmark.sh)")
-    option("--dataset", "DATASET", "sharegpt", metavar="D",
-           text="sharegpt (the held-out split, [SHAREGPT_TEST] = outputs/demo-default/data/test.jsonl) | mt-bench "
-                "([MT_BENCH] = data/mt_bench/question.jsonl, FastChat's) | any chat JSON/JSONL = sharegpt")
-    option("--concurrency", "CONCURRENCY", "1", 'levels, each run on both servers = 1', metavar='"1 4"')
+    option(
+        "--dataset",
+        "DATASET",
+        "sharegpt",
+        metavar="D",
+        text="sharegpt (the held-out split, [SHAREGPT_TEST] = outputs/demo-default/data/test.jsonl) | mt-bench "
+        "([MT_BENCH] = data/mt_bench/question.jsonl, FastChat's) | any chat JSON/JSONL = sharegpt",
+    )
+    option("--concurrency", "CONCURRENCY", "1", "levels, each run on both servers = 1", metavar='"1 4"')
     option("--num-prompts", "NUM_PROMPTS", "80", "= 80", metavar="N", type=int)
     option("--output-len", "OUTPUT_LEN", "256", "tokens per answer = 256", metavar="N")
     option("--target", "TARGET", "", "tokenizer = the embedded default", metavar="DIR|NAME")
     option("--served-name", "SERVED_NAME", "target", "= target", metavar="NAME")
     host = env("HOST", "127.0.0.1")
-    option("--baseline-url", "BASELINE_URL", f"http://{host}:8000", "= http://[HOST]:8000, [HOST] = 127.0.0.1", metavar="URL")
+    option(
+        "--baseline-url",
+        "BASELINE_URL",
+        f"http://{host}:8000",
+        "= http://[HOST]:8000, [HOST] = 127.0.0.1",
+        metavar="URL",
+    )
     option("--eagle-url", "EAGLE_URL", f"http://{host}:8001", "= http://[HOST]:8001", metavar="URL")
     option("--only", "ONLY", "baseline eagle3", 'which servers = "baseline eagle3"', metavar='"baseline"')
-    p.add_argument("--repeats", "--rounds", metavar="R", default=env("REPEATS", env("ROUNDS", "1")),
-                   help="[REPEATS] (or the old [ROUNDS]) = 1: serve the prompts in R parts in turn, each by both "
-                        "servers, the order flipping every repeat (--rounds: its old name)")
-    option("--result-dir", "RESULT_DIR", str(ROOT / "outputs" / "benchmark"), "= outputs/benchmark", metavar="D", type=Path)
+    p.add_argument(
+        "--repeats",
+        "--rounds",
+        metavar="R",
+        default=env("REPEATS", env("ROUNDS", "1")),
+        help="[REPEATS] (or the old [ROUNDS]) = 1: serve the prompts in R parts in turn, each by both "
+        "servers, the order flipping every repeat (--rounds: its old name)",
+    )
+    option(
+        "--result-dir", "RESULT_DIR", str(ROOT / "outputs" / "benchmark"), "= outputs/benchmark", metavar="D", type=Path
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p
 
@@ -74,14 +96,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The flags, and what follows `--` (for vllm bench serve)."""
     cut = argv.index("--") if "--" in argv else len(argv)
     a = parser().parse_args(argv[:cut])
-    a.dataset = {"sharegpt": env("SHAREGPT_TEST", str(ROOT / "outputs" / "demo-default" / "data" / "test.jsonl")),
-                 "mt-bench": env("MT_BENCH", str(ROOT / "data" / "mt_bench" / "question.jsonl"))}.get(a.dataset, a.dataset)
+    a.dataset = {
+        "sharegpt": env("SHAREGPT_TEST", str(ROOT / "outputs" / "demo-default" / "data" / "test.jsonl")),
+        "mt-bench": env("MT_BENCH", str(ROOT / "data" / "mt_bench" / "question.jsonl")),
+    }.get(a.dataset, a.dataset)
     if not a.dry_run and not Path(a.dataset).is_file():
         raise UserError(f"no prompt file {a.dataset}")
     if not (a.repeats.isdigit() and 1 <= int(a.repeats) <= a.num_prompts):
-        raise UserError(f"--repeats must be a whole number from 1 to --num-prompts ({a.num_prompts}), not '{a.repeats}'")
+        raise UserError(
+            f"--repeats must be a whole number from 1 to --num-prompts ({a.num_prompts}), not '{a.repeats}'"
+        )
     a.repeats, a.servers = int(a.repeats), a.only.split()
-    return a, argv[cut + 1:]
+    return a, argv[cut + 1 :]
 
 
 def bench_serve() -> list[str]:
@@ -96,11 +122,38 @@ def bench_serve() -> list[str]:
 
 def command(a, extra: list[str], part: Part, server: str, c: str, name: str) -> list[str]:
     """One part's `vllm bench serve` run on one server at one concurrency, its result `name`.json."""
-    return [*bench_serve(), "--backend", BACKEND[a.engine], "--base-url", url(a, server), "--model", a.served_name,
-            "--tokenizer", a.target, "--dataset-name", "custom",
-            "--dataset-path", str(a.result_dir / f"prompts{part.suffix}.jsonl"), "--custom-output-len", a.output_len,
-            "--num-prompts", str(len(part.prompts)), "--max-concurrency", c, "--temperature", "0", "--disable-shuffle",
-            "--save-result", "--result-dir", str(a.result_dir), "--result-filename", f"{name}.json", "--label", name, *extra]
+    return [
+        *bench_serve(),
+        "--backend",
+        BACKEND[a.engine],
+        "--base-url",
+        url(a, server),
+        "--model",
+        a.served_name,
+        "--tokenizer",
+        a.target,
+        "--dataset-name",
+        "custom",
+        "--dataset-path",
+        str(a.result_dir / f"prompts{part.suffix}.jsonl"),
+        "--custom-output-len",
+        a.output_len,
+        "--num-prompts",
+        str(len(part.prompts)),
+        "--max-concurrency",
+        c,
+        "--temperature",
+        "0",
+        "--disable-shuffle",
+        "--save-result",
+        "--result-dir",
+        str(a.result_dir),
+        "--result-filename",
+        f"{name}.json",
+        "--label",
+        name,
+        *extra,
+    ]
 
 
 def url(a, server: str) -> str:
@@ -153,12 +206,27 @@ def main(argv=None) -> None:
     prompts = read(a.dataset, a.num_prompts, a.repeats) if Path(a.dataset).is_file() else [""] * a.num_prompts
     parts = split(prompts, a.repeats)
     if a.dry_run:
-        print(shlex.join([sys.executable, "-m", "benchmark.prompts", a.dataset, str(prompts_file),
-                          "--limit", str(a.num_prompts), "--repeats", str(a.repeats)]))
+        print(
+            shlex.join(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmark.prompts",
+                    a.dataset,
+                    str(prompts_file),
+                    "--limit",
+                    str(a.num_prompts),
+                    "--repeats",
+                    str(a.repeats),
+                ]
+            )
+        )
     else:
         write(prompts, parts, prompts_file)
-        print(f"{len(prompts)} prompts from {a.dataset}, served in {len(parts)} part(s): "
-              + ", ".join(f"{p.suffix[1:] or 'all'} ({len(p.prompts)})" for p in parts))
+        print(
+            f"{len(prompts)} prompts from {a.dataset}, served in {len(parts)} part(s): "
+            + ", ".join(f"{p.suffix[1:] or 'all'} ({len(p.prompts)})" for p in parts)
+        )
     for c in a.concurrency.split():
         if not a.dry_run:
             clear(a, c)

@@ -43,7 +43,8 @@ from .jsonl import Appender, read_records
 REFUSAL = re.compile(
     r"^\s*(I'?m sorry,? but I (can(no|')t|am unable|won'?t)|I (cannot|can'?t|am unable to|won'?t) "
     r"(help|assist|provide|comply|fulfil)|As an AI( language model)?,? I (cannot|can'?t|am not able|don'?t))",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def answer_problem(text: str, finish_reason: str | None, keep_refusals: bool, drop_truncated: bool) -> str | None:
@@ -94,8 +95,15 @@ def _records(src: Path, train_only: Path | None):
             yield train_only, index, rec, False
 
 
-def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
-          keep_refusals: bool = False, drop_truncated: bool = False, train_only: Path | None = None) -> dict:
+def clean(
+    src: Path,
+    out_dir: Path,
+    test_fraction: float = 0.05,
+    seed: int = 42,
+    keep_refusals: bool = False,
+    drop_truncated: bool = False,
+    train_only: Path | None = None,
+) -> dict:
     counts: Counter = Counter()
     examples: dict[str, list[str]] = {}  # problem -> its first records, as "file: record N"
     seen, parts = set(), {"test": [], "train": []}  # (split key, record)
@@ -128,13 +136,23 @@ def clean(src: Path, out_dir: Path, test_fraction: float = 0.05, seed: int = 42,
             for r in records:
                 writer.write(r)
             writer.close()
-    summary = {"input": str(src), "train_only": str(train_only) if train_only else None,
-               "kept": n_test + len(splits["train"]), "train": len(splits["train"]), "test": n_test,
-               "test_fraction": test_fraction, "seed": seed, "counts": dict(sorted(counts.items())),
-               "examples": examples}
+    summary = {
+        "input": str(src),
+        "train_only": str(train_only) if train_only else None,
+        "kept": n_test + len(splits["train"]),
+        "train": len(splits["train"]),
+        "test": n_test,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "counts": dict(sorted(counts.items())),
+        "examples": examples,
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{src}{f' + {train_only}' if train_only else ''}: kept {summary['kept']} conversations "
-          f"({len(splits['train'])} train, {n_test} test) in {out_dir}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(
+        f"{src}{f' + {train_only}' if train_only else ''}: kept {summary['kept']} conversations "
+        f"({len(splits['train'])} train, {n_test} test) in {out_dir}; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
     return summary
 
 

@@ -27,8 +27,14 @@ from traineagle3.records import ReadReport, iter_conversations, record_id
 from .jsonl import Appender
 
 
-def download(source: str, out: Path, split: str = "train", limit: int | None = None,
-             max_prompt_chars: int | None = None, skip: int = 0) -> dict:
+def download(
+    source: str,
+    out: Path,
+    split: str = "train",
+    limit: int | None = None,
+    max_prompt_chars: int | None = None,
+    skip: int = 0,
+) -> dict:
     report = ReadReport(source)
     seen: set[str] = set()
     renamed = skipped = 0
@@ -55,9 +61,16 @@ def download(source: str, out: Path, split: str = "train", limit: int | None = N
         writer.close()
         if not report.kept:  # the output an earlier run wrote stays
             raise UserError(f"{report.summary()}: no usable conversations")
-    summary = {"source": source, "split": split, "out": str(out), "kept": report.kept,
-               "dropped": dict(report.skipped), "examples": report.examples,
-               "file_cut_off_mid_record": report.truncated_file, "renamed_duplicate_ids": renamed}
+    summary = {
+        "source": source,
+        "split": split,
+        "out": str(out),
+        "kept": report.kept,
+        "dropped": dict(report.skipped),
+        "examples": report.examples,
+        "file_cut_off_mid_record": report.truncated_file,
+        "renamed_duplicate_ids": renamed,
+    }
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(report.summary() + (f"; {renamed} repeated ids renamed" if renamed else ""))
     print(f"wrote {report.kept} conversations to {out}")
@@ -72,7 +85,9 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="train", help="split of a HF dataset")
     p.add_argument("--limit", type=number(int, 1), help="keep at most this many conversations")
     p.add_argument("--max-prompt-chars", type=number(int, 1), help="drop conversations whose first user turn is longer")
-    p.add_argument("--skip", type=number(int, 0), default=0, help="pass over the first N conversations that pass the filters")
+    p.add_argument(
+        "--skip", type=number(int, 0), default=0, help="pass over the first N conversations that pass the filters"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     download(args.source, args.out, args.split, args.limit, args.max_prompt_chars, args.skip)

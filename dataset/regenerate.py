@@ -86,16 +86,22 @@ class Servers:
 
 async def complete(client: httpx.AsyncClient, url: str, messages: list[dict], cfg: RegenConfig) -> dict:
     """One chat completion: the answer, its finish reason and token counts."""
-    r = await client.post(f"{url}/chat/completions", json={
-        "model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens})
+    r = await client.post(
+        f"{url}/chat/completions",
+        json={"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
+    )
     if r.status_code == 429 or r.status_code >= 500:
         r.raise_for_status()
     if r.status_code >= 400:
         raise Rejected(f"HTTP {r.status_code} from {url}: {r.text[:300]}")
     body = r.json()
     choice, usage = body["choices"][0], body.get("usage") or {}
-    return {"content": choice["message"]["content"] or "", "finish_reason": choice.get("finish_reason"),
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens")}
+    return {
+        "content": choice["message"]["content"] or "",
+        "finish_reason": choice.get("finish_reason"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+    }
 
 
 async def regenerate_one(client, servers: Servers, conv: list[dict], cfg: RegenConfig) -> dict:
@@ -161,8 +167,14 @@ def done_ids(out: Path) -> set[str]:
     return {str(rec["id"]) for _, rec in read_records(out)}
 
 
-async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, progress: bool = True,
-              transport: httpx.AsyncBaseTransport | None = None) -> dict:
+async def run(
+    cfg: RegenConfig,
+    src: Path,
+    out: Path,
+    limit: int | None = None,
+    progress: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict:
     items, report = read_input(src, limit)
     done = done_ids(out)
     pending = [(rid, conv) for rid, conv in items if rid not in done]
@@ -191,8 +203,10 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
                 stats["truncated_answers"] += sum(t["finish_reason"] == "length" for t in rec["turns"])
                 stats["completion_tokens"] += sum(t["completion_tokens"] or 0 for t in rec["turns"])
             bar.update()
-            bar.set_postfix_str(f"{stats['completion_tokens'] / (time.perf_counter() - start):.0f} tok/s, "
-                                f"{stats['failed'] + stats['rejected']} failed")
+            bar.set_postfix_str(
+                f"{stats['completion_tokens'] / (time.perf_counter() - start):.0f} tok/s, "
+                f"{stats['failed'] + stats['rejected']} failed"
+            )
 
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     headers = {"Authorization": f"Bearer {cfg.api_key}"}
@@ -202,36 +216,69 @@ async def run(cfg: RegenConfig, src: Path, out: Path, limit: int | None = None, 
     writer.close()
     failures.close()
     seconds = time.perf_counter() - start
-    summary = stats | {"input": len(items), "already_done": len(done), "seconds": round(seconds, 1),
-                       "output_tokens_per_s": round(stats["completion_tokens"] / max(seconds, 1e-9), 1),
-                       "out": str(out), "failures": str(failures_path)}
+    summary = stats | {
+        "input": len(items),
+        "already_done": len(done),
+        "seconds": round(seconds, 1),
+        "output_tokens_per_s": round(stats["completion_tokens"] / max(seconds, 1e-9), 1),
+        "out": str(out),
+        "failures": str(failures_path),
+    }
     out.with_name(out.name.removesuffix(".jsonl") + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {stats['written']} conversations to {out} ({summary['output_tokens_per_s']} output tok/s); "
-          f"{stats['failed']} failed (server errors: rerun to retry), {stats['rejected']} rejected by the server"
-          + (f"; see {failures_path}" if stats["failed"] or stats["rejected"] else ""))
+    print(
+        f"wrote {stats['written']} conversations to {out} ({summary['output_tokens_per_s']} output tok/s); "
+        f"{stats['failed']} failed (server errors: rerun to retry), {stats['rejected']} rejected by the server"
+        + (f"; see {failures_path}" if stats["failed"] or stats["rejected"] else "")
+    )
     return summary
 
 
 @cli
 def main(argv=None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", action="append", required=True, dest="base_urls",
-                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat for several servers")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        required=True,
+        dest="base_urls",
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat for several servers",
+    )
     p.add_argument("--model", required=True, help="the served model name")
-    p.add_argument("--in", dest="src", required=True, type=Path, help="conversations (dataset.download output or any chat JSON/JSONL)")
+    p.add_argument(
+        "--in",
+        dest="src",
+        required=True,
+        type=Path,
+        help="conversations (dataset.download output or any chat JSON/JSONL)",
+    )
     p.add_argument("--out", required=True, type=Path, help="regenerated JSONL, appended to and resumed")
     p.add_argument("--concurrency", type=number(int, 1), default=96, help="conversations in flight over all servers")
     p.add_argument("--temperature", type=number(float, 0), default=0.0)
     p.add_argument("--max-tokens", type=number(int, 1), default=1024, help="per answer")
-    p.add_argument("--drop-truncated", action="store_true", help="end a conversation before an answer cut by --max-tokens")
-    p.add_argument("--max-turns", type=number(int, 1), help="regenerate only the first N user turns of a conversation (the rest is dropped)")
+    p.add_argument(
+        "--drop-truncated", action="store_true", help="end a conversation before an answer cut by --max-tokens"
+    )
+    p.add_argument(
+        "--max-turns",
+        type=number(int, 1),
+        help="regenerate only the first N user turns of a conversation (the rest is dropped)",
+    )
     p.add_argument("--max-retries", type=number(int, 0), default=5)
     p.add_argument("--timeout", type=number(float, 1), default=600.0, help="seconds per request")
     p.add_argument("--limit", type=number(int, 1), help="only the first N conversations of the input")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = RegenConfig(a.base_urls, a.model, a.temperature, a.max_tokens, a.concurrency, a.timeout, a.max_retries,
-                      drop_truncated=a.drop_truncated, max_turns=a.max_turns)
+    cfg = RegenConfig(
+        a.base_urls,
+        a.model,
+        a.temperature,
+        a.max_tokens,
+        a.concurrency,
+        a.timeout,
+        a.max_retries,
+        drop_truncated=a.drop_truncated,
+        max_turns=a.max_turns,
+    )
     summary = asyncio.run(run(cfg, a.src, a.out, a.limit, progress=not a.no_progress))
     return 1 if summary["failed"] else 0
 

@@ -50,9 +50,17 @@ def llama3_tokenizer(smol_path):
 def make_tiny_target(tokenizer, out: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
     """A random Llama (GQA, 4 layers, hidden 64) with the given tokenizer, saved as a folder."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

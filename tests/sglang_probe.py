@@ -85,10 +85,25 @@ class Parser(argparse.ArgumentParser):
         raise Rejected(message)
 
 
-SERVER_FIELDS = ("model_path", "served_model_name", "host", "port", "dtype", "tp_size", "context_length",
-                 "attention_backend", "mem_fraction_static", "max_total_tokens", "cuda_graph_max_bs_decode",
-                 "device", "speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
-                 "speculative_eagle_topk", "speculative_num_draft_tokens")
+SERVER_FIELDS = (
+    "model_path",
+    "served_model_name",
+    "host",
+    "port",
+    "dtype",
+    "tp_size",
+    "context_length",
+    "attention_backend",
+    "mem_fraction_static",
+    "max_total_tokens",
+    "cuda_graph_max_bs_decode",
+    "device",
+    "speculative_algorithm",
+    "speculative_draft_model_path",
+    "speculative_num_steps",
+    "speculative_eagle_topk",
+    "speculative_num_draft_tokens",
+)
 
 
 def eagle3_reading(server_args) -> dict:
@@ -103,40 +118,60 @@ def eagle3_reading(server_args) -> dict:
 
     algo = SpeculativeAlgorithm.from_string(server_args.speculative_algorithm)
     target = ModelConfig.from_server_args(server_args)
-    draft = ModelConfig.from_server_args(server_args, model_path=server_args.speculative_draft_model_path,
-                                         model_revision=server_args.speculative_draft_model_revision,
-                                         is_draft_model=True)
-    aux = resolve_spec_aux_hidden_state_config(server_args=server_args, model_config=target,
-                                               spec_algorithm=algo, is_draft_worker=False)
+    draft = ModelConfig.from_server_args(
+        server_args,
+        model_path=server_args.speculative_draft_model_path,
+        model_revision=server_args.speculative_draft_model_revision,
+        is_draft_model=True,
+    )
+    aux = resolve_spec_aux_hidden_state_config(
+        server_args=server_args, model_config=target, spec_algorithm=algo, is_draft_worker=False
+    )
     target_cls, _ = ModelRegistry.resolve_model_cls(target.hf_config.architectures)
     draft_cls, _ = ModelRegistry.resolve_model_cls(draft.hf_config.architectures)
     # The target model's own method, on a stand-in for the model it would be called on
     # (building the model needs torch.distributed and GPU kernels).
-    model = types.SimpleNamespace(pp_group=types.SimpleNamespace(is_last_rank=True), config=target.hf_config,
-                                  model=types.SimpleNamespace(), capture_aux_hidden_states=False)
+    model = types.SimpleNamespace(
+        pp_group=types.SimpleNamespace(is_last_rank=True),
+        config=target.hf_config,
+        model=types.SimpleNamespace(),
+        capture_aux_hidden_states=False,
+    )
     target_cls.set_eagle3_layers_to_capture(model, aux.eagle_aux_hidden_state_layer_ids)
     runner = types.SimpleNamespace(model_config=draft, spec_algorithm=algo)
-    return {"is_eagle3": algo.is_eagle3(), "target_class": target_cls.__name__, "draft_class": draft_cls.__name__,
-            "draft_dtype": str(draft.dtype).removeprefix("torch."), "draft_num_layers": aux.eagle_draft_num_layers,
-            "use_aux_hidden_state": aux.eagle_use_aux_hidden_state,
-            "aux_layer_ids": aux.eagle_aux_hidden_state_layer_ids,
-            "target_num_layers": target.num_hidden_layers,
-            "captures_aux": model.capture_aux_hidden_states,
-            "captured_layer_inputs": model.model.layers_to_capture,
-            "fc_in_features": get_draft_input_from_target_hidden_dim(runner)}
+    return {
+        "is_eagle3": algo.is_eagle3(),
+        "target_class": target_cls.__name__,
+        "draft_class": draft_cls.__name__,
+        "draft_dtype": str(draft.dtype).removeprefix("torch."),
+        "draft_num_layers": aux.eagle_draft_num_layers,
+        "use_aux_hidden_state": aux.eagle_use_aux_hidden_state,
+        "aux_layer_ids": aux.eagle_aux_hidden_state_layer_ids,
+        "target_num_layers": target.num_hidden_layers,
+        "captures_aux": model.capture_aux_hidden_states,
+        "captured_layer_inputs": model.model.layers_to_capture,
+        "fc_in_features": get_draft_input_from_target_hidden_dim(runner),
+    }
 
 
 def probe(argv: list[str]) -> dict:
     from sglang.srt.arg_groups import argparse_actions as actions
     from sglang.srt.server_args import ServerArgs
 
-    deprecated = (actions.DeprecatedAction, actions.DeprecatedStoreTrueAction,
-                  actions.DeprecatedStoreConstAction, actions.DeprecatedAliasStoreAction)
-    args = argv[argv.index("sglang.launch_server") + 1:]
+    deprecated = (
+        actions.DeprecatedAction,
+        actions.DeprecatedStoreTrueAction,
+        actions.DeprecatedStoreConstAction,
+        actions.DeprecatedAliasStoreAction,
+    )
+    args = argv[argv.index("sglang.launch_server") + 1 :]
     parser = Parser(prog="sglang.launch_server")
     ServerArgs.add_cli_args(parser)
-    out = {"args": args, "error": None,
-           "deprecated": [a for a in args if isinstance(parser._option_string_actions.get(a), deprecated)]}
+    out = {
+        "args": args,
+        "error": None,
+        "deprecated": [a for a in args if isinstance(parser._option_string_actions.get(a), deprecated)],
+    }
     try:
         server_args = ServerArgs.from_cli_args(parser.parse_args([*args, "--device", "cpu"]))
         out["server_args"] = {k: getattr(server_args, k) for k in SERVER_FIELDS}

@@ -7,8 +7,22 @@ import pytest
 
 from traineagle3 import bench_train
 
-ARGS = ["--shape", "tiny", "--seq-len", "96", "--ttt-steps", "3", "--dtype", "fp32", "--draft-vocab", "512",
-        "--warmup", "1", "--iters", "1"]
+ARGS = [
+    "--shape",
+    "tiny",
+    "--seq-len",
+    "96",
+    "--ttt-steps",
+    "3",
+    "--dtype",
+    "fp32",
+    "--draft-vocab",
+    "512",
+    "--warmup",
+    "1",
+    "--iters",
+    "1",
+]
 
 
 @pytest.mark.parametrize("extra", [["--micro-batch", "1", "2"], ["--with-target"]])
@@ -18,7 +32,9 @@ def test_bench_reports_both_formulations_with_finite_numbers(tmp_path, capsys, e
     print(out)
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
     batches = [int(b) for b in extra[1:]] if extra[0] == "--micro-batch" else [1]
-    assert [(r["impl"], r["micro_batch"]) for r in result["results"]] == [(i, b) for b in batches for i in ("reference", "efficient")]
+    assert [(r["impl"], r["micro_batch"]) for r in result["results"]] == [
+        (i, b) for b in batches for i in ("reference", "efficient")
+    ]
     for r in result["results"]:
         assert not r["oom"]
         for k in ("tokens_per_s", "step_s", "static_gib", "step_gib", "peak_gib", "first_loss"):

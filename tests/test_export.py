@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, make_tiny_target, run_env
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import ROOT, make_tiny_target, run_env
 from traineagle3.checkpoint import save_draft_folder
-from traineagle3.draft import OPTIONS, Eagle3Draft, KVCache, load_draft
 from traineagle3.config import TrainConfig, to_dict
+from traineagle3.draft import OPTIONS, Eagle3Draft, KVCache, load_draft
 from traineagle3.export import check, export
 from traineagle3.export import main as export_main
 from traineagle3.metrics import MetricsLog
@@ -39,7 +39,9 @@ def trained_draft(target, out, options=None):
 
 @pytest.fixture(scope="module")
 def trained(tiny_target, tmp_path_factory):
-    return trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path_factory.mktemp("trained") / "draft")
+    return trained_draft(
+        AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path_factory.mktemp("trained") / "draft"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,11 @@ def test_engine_specific_layer_ids_rope_and_dtype(exported, tiny_target):
     v = json.loads((exported["vllm"] / "config.json").read_text())
     s = json.loads((exported["sglang"] / "config.json").read_text())
     assert v["eagle_aux_hidden_state_layer_ids"] == AUX == v["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
-    assert "eagle_aux_hidden_state_layer_ids" not in s and s["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    assert "eagle_aux_hidden_state_layer_ids" not in s and s["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [
+        0,
+        1,
+        2,
+    ]
     target = AutoConfig.from_pretrained(tiny_target)
     for cfg, folder in [(v, exported["vllm"]), (s, exported["sglang"])]:
         assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["tie_word_embeddings"] is False
@@ -90,8 +96,13 @@ def chain(draft, ids, aux, steps=3):
     return torch.cat(out, 1)
 
 
-OPTION_SETS = [{"fc_norm": True}, {"norm_before_fc": True}, {"norm_output": True}, {"norm_before_residual": True},
-               dict.fromkeys(OPTIONS, True)]
+OPTION_SETS = [
+    {"fc_norm": True},
+    {"norm_before_fc": True},
+    {"norm_output": True},
+    {"norm_before_residual": True},
+    dict.fromkeys(OPTIONS, True),
+]
 
 
 @pytest.mark.parametrize("options", OPTION_SETS, ids="+".join)
@@ -99,10 +110,15 @@ def test_a_draft_with_options_exports_and_loads_back_computing_the_same(tiny_tar
     """Saved as training saves it and exported for each engine that runs it as trained, it loads
     back (load_draft) with its options and computes what was trained; SGLang ignores
     norm_before_residual, so such a draft is not exported for it."""
-    folder, draft, target = trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path / "trained", options)
+    folder, draft, target = trained_draft(
+        AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path / "trained", options
+    )
     emb = target.get_input_embeddings().weight.data
     draft.embed_tokens.weight.data.copy_(emb)
-    ids, aux = torch.randint(0, 3000, (1, 9)), torch.randn(1, 9, 3 * 64) * torch.tensor([0.1] * 64 + [1.0] * 64 + [10.0] * 64)
+    ids, aux = (
+        torch.randint(0, 3000, (1, 9)),
+        torch.randn(1, 9, 3 * 64) * torch.tensor([0.1] * 64 + [1.0] * 64 + [10.0] * 64),
+    )
     with torch.no_grad():
         expected = chain(draft, ids, aux)
         torch.testing.assert_close(chain(load_draft(folder, emb), ids, aux), expected, rtol=0, atol=0)
@@ -115,20 +131,36 @@ def test_a_draft_with_options_exports_and_loads_back_computing_the_same(tiny_tar
             again = load_draft(out, emb).float()
             assert {k: getattr(again.config, k) for k in OPTIONS} == {k: k in options for k in OPTIONS}
             torch.testing.assert_close(chain(again, ids, aux), expected, rtol=0.05, atol=0.05)  # bf16 weights
-            off = load_draft(corrupt(out, tmp_path / engine, dict.fromkeys(options, False),
-                                     drop=("input_norm.weight", "fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight")), emb)
+            off = load_draft(
+                corrupt(
+                    out,
+                    tmp_path / engine,
+                    dict.fromkeys(options, False),
+                    drop=("input_norm.weight", "fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"),
+                ),
+                emb,
+            )
             assert (chain(off.float(), ids, aux) - expected).abs().max() > 0.2  # so the comparison above can fail
 
 
 @pytest.mark.parametrize("engine", ["sglang", "both"])
 def test_export_for_sglang_refuses_an_option_sglang_ignores_in_one_line(tiny_target, tmp_path, capsys, engine):
-    folder, *_ = trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp_path / "trained",
-                               {"norm_before_residual": True, "norm_output": True})
+    folder, *_ = trained_draft(
+        AutoModelForCausalLM.from_pretrained(tiny_target),
+        tmp_path / "trained",
+        {"norm_before_residual": True, "norm_output": True},
+    )
     capsys.readouterr()  # the target's loading progress
-    code = export_main(["--draft", str(folder), "--target", str(tiny_target), "--engine", engine, "--out", str(tmp_path / "out")])
+    code = export_main(
+        ["--draft", str(folder), "--target", str(tiny_target), "--engine", engine, "--out", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and err == f"export: {folder}: cannot export for sglang: norm_before_residual: SGLang's Llama draft " \
+    assert (
+        code == 2
+        and err
+        == f"export: {folder}: cannot export for sglang: norm_before_residual: SGLang's Llama draft "
         "ignores it (its residual is always the un-normalised hidden); export it with --engine vllm\n"
+    )
     assert not (tmp_path / "out").exists()  # refused before anything is written, the vLLM folder too
 
 
@@ -136,20 +168,35 @@ def test_export_for_sglang_refuses_an_option_sglang_ignores_in_one_line(tiny_tar
 def exported_options(tiny_target, tmp_path_factory):
     """A draft with the options both engines run, exported for both."""
     tmp = tmp_path_factory.mktemp("options")
-    folder, *_ = trained_draft(AutoModelForCausalLM.from_pretrained(tiny_target), tmp / "trained",
-                               {"norm_before_fc": True, "fc_norm": True, "norm_output": True})
+    folder, *_ = trained_draft(
+        AutoModelForCausalLM.from_pretrained(tiny_target),
+        tmp / "trained",
+        {"norm_before_fc": True, "fc_norm": True, "norm_output": True},
+    )
     return {e: export(folder, str(tiny_target), e, tmp / e) for e in ("vllm", "sglang")}
 
 
-@pytest.mark.parametrize("engine, change, drop, message", [
-    ("vllm", {"fc_norm": False}, (), "weights ['fc_norm.0.weight', 'fc_norm.1.weight', 'fc_norm.2.weight'] but fc_norm is not true"),
-    ("sglang", {"norm_before_fc": False}, (), "weights ['input_norm.weight'] but norm_before_fc is not true"),
-    ("vllm", {}, ("input_norm.weight",), "weight input_norm.weight is missing"),
-    ("vllm", {"norm_output": "true"}, (), "norm_output is 'true': must be true or false"),
-    ("sglang", {"norm_before_residual": True}, (), "norm_before_residual: SGLang's Llama draft ignores it"),
-    ("vllm", {"eagle_config": {"eagle_aux_hidden_state_layer_ids": AUX, "norm_before_fc": False}}, (),
-     "eagle_config norm_before_fc False overrides the top-level True"),
-])
+@pytest.mark.parametrize(
+    "engine, change, drop, message",
+    [
+        (
+            "vllm",
+            {"fc_norm": False},
+            (),
+            "weights ['fc_norm.0.weight', 'fc_norm.1.weight', 'fc_norm.2.weight'] but fc_norm is not true",
+        ),
+        ("sglang", {"norm_before_fc": False}, (), "weights ['input_norm.weight'] but norm_before_fc is not true"),
+        ("vllm", {}, ("input_norm.weight",), "weight input_norm.weight is missing"),
+        ("vllm", {"norm_output": "true"}, (), "norm_output is 'true': must be true or false"),
+        ("sglang", {"norm_before_residual": True}, (), "norm_before_residual: SGLang's Llama draft ignores it"),
+        (
+            "vllm",
+            {"eagle_config": {"eagle_aux_hidden_state_layer_ids": AUX, "norm_before_fc": False}},
+            (),
+            "eagle_config norm_before_fc False overrides the top-level True",
+        ),
+    ],
+)
 def test_check_knows_the_options(exported_options, tiny_target, tmp_path, engine, change, drop, message):
     assert check(exported_options[engine], str(tiny_target), engine) == []
     problems = check(corrupt(exported_options[engine], tmp_path, change, drop), str(tiny_target), engine)
@@ -167,16 +214,19 @@ def corrupt(folder, tmp_path, config=None, drop=()):
     return out
 
 
-@pytest.mark.parametrize("engine, change, drop, message", [
-    ("vllm", {}, ("d2t",), "d2t is missing"),
-    ("vllm", {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}, (), "differ from the top-level"),
-    ("vllm", {"architectures": ["LlamaForCausalLM"]}, (), "architectures"),
-    ("sglang", {"tie_word_embeddings": True}, (), "tie_word_embeddings"),
-    ("sglang", {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}, (), "vLLM-numbered"),
-    ("vllm", {"torch_dtype": "float32"}, (), "torch_dtype"),
-    ("vllm", {"rope_theta": 500000.0}, (), "rope_theta"),
-    ("vllm", {"draft_vocab_size": 999}, (), "lm_head.weight has shape"),
-])
+@pytest.mark.parametrize(
+    "engine, change, drop, message",
+    [
+        ("vllm", {}, ("d2t",), "d2t is missing"),
+        ("vllm", {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}, (), "differ from the top-level"),
+        ("vllm", {"architectures": ["LlamaForCausalLM"]}, (), "architectures"),
+        ("sglang", {"tie_word_embeddings": True}, (), "tie_word_embeddings"),
+        ("sglang", {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}, (), "vLLM-numbered"),
+        ("vllm", {"torch_dtype": "float32"}, (), "torch_dtype"),
+        ("vllm", {"rope_theta": 500000.0}, (), "rope_theta"),
+        ("vllm", {"draft_vocab_size": 999}, (), "lm_head.weight has shape"),
+    ],
+)
 def test_check_refuses_folders_that_would_load_wrong(exported, tiny_target, tmp_path, engine, change, drop, message):
     bad = corrupt(exported[engine], tmp_path, change, drop)
     problems = check(bad, str(tiny_target), engine)
@@ -188,8 +238,23 @@ def test_check_refuses_another_target_and_cli_names_the_folder(exported, llama3_
     other = make_tiny_target(llama3_tokenizer, tmp_path / "other", layers=6, hidden=96)
     problems = check(exported["vllm"], str(other), "vllm")
     assert any("vocab_size" in p for p in problems) and any("hidden size" in p for p in problems)
-    r = subprocess.run([sys.executable, "-m", "traineagle3.export", "--check", str(exported["vllm"]), "--target", str(other),
-                        "--engine", "vllm"], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "traineagle3.export",
+            "--check",
+            str(exported["vllm"]),
+            "--target",
+            str(other),
+            "--engine",
+            "vllm",
+        ],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and f"{exported['vllm']}: vocab_size" in r.stderr
 
 
@@ -205,33 +270,87 @@ def run_dir(trained, chat_jsonl, tmp_path):
     shutil.copytree(trained[0], draft)
     (draft.parent / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 1, "batches_done": 0}))
     (run / "train_config.json").write_text(json.dumps(to_dict(TrainConfig(train_data=str(chat_jsonl), ttt_steps=3))))
-    (run / "ds_config.json").write_text(json.dumps({"optimizer": {"params": {"lr": 0.003}}, "train_micro_batch_size_per_gpu": 2}))
+    (run / "ds_config.json").write_text(
+        json.dumps({"optimizer": {"params": {"lr": 0.003}}, "train_micro_batch_size_per_gpu": 2})
+    )
     log = MetricsLog(run / "metrics.jsonl", True)
     for step, tau in [(2, 1.4321), (4, 1.9876)]:  # the step-4 test comes after this checkpoint
-        log.write(step=step, split="test", tau=tau, rounds=40, round_acceptance=[0.3, 0.1, 0.0321] if step == 2 else [0.5, 0.3, 0.1876])
+        log.write(
+            step=step,
+            split="test",
+            tau=tau,
+            rounds=40,
+            round_acceptance=[0.3, 0.1, 0.0321] if step == 2 else [0.5, 0.3, 0.1876],
+        )
     return draft
 
 
 def results_files(tmp_path):
     offline = tmp_path / "eval_sharegpt.json"
-    offline.write_text(json.dumps({"total": {"tau": 1.5678, "acceptance_per_position": [0.4, 0.1, 0.0678], "prompts": 8,
-                                             "k": 3, "identical": True, "speedup": 1.234}, "prompts": []}))
+    offline.write_text(
+        json.dumps(
+            {
+                "total": {
+                    "tau": 1.5678,
+                    "acceptance_per_position": [0.4, 0.1, 0.0678],
+                    "prompts": 8,
+                    "k": 3,
+                    "identical": True,
+                    "speedup": 1.234,
+                },
+                "prompts": [],
+            }
+        )
+    )
     served = tmp_path / "compare.json"
-    served.write_text(json.dumps([{"engine": "vllm", "concurrency": 1, "server": "baseline", "completed": "8/8",
-                                   "acceptance_length": None, "speedup": None},
-                                  {"engine": "vllm", "concurrency": 1, "server": "eagle3", "completed": "8/8",
-                                   "acceptance_length": 1.4567, "acceptance_per_position": [0.3, 0.1, 0.0567], "speedup": 1.111}]))
+    served.write_text(
+        json.dumps(
+            [
+                {
+                    "engine": "vllm",
+                    "concurrency": 1,
+                    "server": "baseline",
+                    "completed": "8/8",
+                    "acceptance_length": None,
+                    "speedup": None,
+                },
+                {
+                    "engine": "vllm",
+                    "concurrency": 1,
+                    "server": "eagle3",
+                    "completed": "8/8",
+                    "acceptance_length": 1.4567,
+                    "acceptance_per_position": [0.3, 0.1, 0.0567],
+                    "speedup": 1.111,
+                },
+            ]
+        )
+    )
     return [f"sharegpt={offline}", f"sharegpt={served}"]
 
 
 def test_card_states_the_runs_measurements_and_provenance_pins_the_inputs(run_dir, tiny_target, chat_jsonl, tmp_path):
     out = tmp_path / "exported"
-    assert export_main(["--draft", str(run_dir), "--target", str(tiny_target), "--out", str(out),
-                        *sum((["--results", r] for r in results_files(tmp_path)), [])]) == 0
+    assert (
+        export_main(
+            [
+                "--draft",
+                str(run_dir),
+                "--target",
+                str(tiny_target),
+                "--out",
+                str(out),
+                *sum((["--results", r] for r in results_files(tmp_path)), []),
+            ]
+        )
+        == 0
+    )
     today = datetime.now(timezone.utc).date().isoformat()
     for engine, ids in [("vllm", [1, 2, 3]), ("sglang", [0, 1, 2])]:
         card = (out / engine / "README.md").read_text()
-        assert "| 1.43 | 0.30 0.10 0.03 | - | " + today in card and "1.99" not in card  # the checkpoint's step, not later
+        assert (
+            "| 1.43 | 0.30 0.10 0.03 | - | " + today in card and "1.99" not in card
+        )  # the checkpoint's step, not later
         assert "| sharegpt (8 prompts) | offline" in card and "| 1.57 | 0.40 0.10 0.07 | 1.23x |" in card
         assert "served by vllm, concurrency 1 | 1.46 | 0.30 0.10 0.06 | 1.11x |" in card
         assert str(chat_jsonl) in card and "- lr: 0.003" in card and "- ttt_steps: 3" in card
@@ -245,7 +364,10 @@ def test_card_states_the_runs_measurements_and_provenance_pins_the_inputs(run_di
     vllm = (out / "vllm" / "README.md").read_text()
     spec = {"method": "eagle3", "model": str((out / "vllm").resolve()), "num_speculative_tokens": 3}
     assert f"vllm serve {tiny_target} --speculative-config '{json.dumps(spec)}'" in vllm
-    assert f"--speculative-draft-model-path {(out / 'sglang').resolve()} --speculative-num-steps 3" in (out / "sglang" / "README.md").read_text()
+    assert (
+        f"--speculative-draft-model-path {(out / 'sglang').resolve()} --speculative-num-steps 3"
+        in (out / "sglang" / "README.md").read_text()
+    )
 
 
 def test_a_draft_nobody_measured_has_a_card_that_says_so(exported):
@@ -256,19 +378,29 @@ def test_a_draft_nobody_measured_has_a_card_that_says_so(exported):
 
 
 def test_one_layout_whatever_the_engine(trained, tiny_target, tmp_path):
-    assert export_main(["--draft", str(trained[0]), "--target", str(tiny_target), "--engine", "vllm", "--out", str(tmp_path)]) == 0
+    assert (
+        export_main(
+            ["--draft", str(trained[0]), "--target", str(tiny_target), "--engine", "vllm", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm"]
-    assert {"config.json", "model.safetensors", "README.md", "provenance.json"} <= {p.name for p in (tmp_path / "vllm").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "provenance.json"} <= {
+        p.name for p in (tmp_path / "vllm").iterdir()
+    }
 
 
-@pytest.mark.parametrize("flags, names", [
-    (["--draft", "{tmp}/nowhere"], "{tmp}/nowhere: no draft here"),
-    (["--target", "{tmp}/no-target"], "{tmp}/no-target: no such target folder"),
-    (["--results", "{tmp}/missing.json"], "{tmp}/missing.json: no such results file"),
-    (["--results", "{tmp}/bad.json"], "{tmp}/bad.json: not JSON"),
-    (["--results", "{tmp}/other.json"], "{tmp}/other.json: neither an evaluate.py result"),
-    (["--engine", "tensorrt"], "argument --engine: invalid choice: 'tensorrt'"),
-])
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--draft", "{tmp}/nowhere"], "{tmp}/nowhere: no draft here"),
+        (["--target", "{tmp}/no-target"], "{tmp}/no-target: no such target folder"),
+        (["--results", "{tmp}/missing.json"], "{tmp}/missing.json: no such results file"),
+        (["--results", "{tmp}/bad.json"], "{tmp}/bad.json: not JSON"),
+        (["--results", "{tmp}/other.json"], "{tmp}/other.json: neither an evaluate.py result"),
+        (["--engine", "tensorrt"], "argument --engine: invalid choice: 'tensorrt'"),
+    ],
+)
 def test_bad_input_is_one_line_naming_it_with_exit_status_2(trained, tiny_target, tmp_path, capsys, flags, names):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "other.json").write_text("[1, 2]")
@@ -284,28 +416,80 @@ def test_bad_input_is_one_line_naming_it_with_exit_status_2(trained, tiny_target
 
 
 def test_the_command_line_prints_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "traineagle3.export", "--draft", str(tmp_path / "nowhere"), "--target",
-                        "smollm2-135m-instruct", "--out", str(tmp_path / "out")], cwd=ROOT, env=run_env(), capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr == f"export: {tmp_path / 'nowhere'}: no draft here (expected config.json + " \
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "traineagle3.export",
+            "--draft",
+            str(tmp_path / "nowhere"),
+            "--target",
+            "smollm2-135m-instruct",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr
+        == f"export: {tmp_path / 'nowhere'}: no draft here (expected config.json + "
         "model.safetensors, or draft/ with them)\n"
+    )
 
 
 def test_push_to_hub_uploads_both_engine_folders_with_their_cards(trained, tiny_target, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
     calls = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://hub/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("folder", kw, sorted(
-        str(p.relative_to(kw["folder_path"])) for p in Path(kw["folder_path"]).rglob("*") if p.is_file()))))
+    monkeypatch.setattr(
+        HfApi,
+        "create_repo",
+        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://hub/{repo_id}",
+    )
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, **kw: calls.append(
+            (
+                "folder",
+                kw,
+                sorted(
+                    str(p.relative_to(kw["folder_path"])) for p in Path(kw["folder_path"]).rglob("*") if p.is_file()
+                ),
+            )
+        ),
+    )
     monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: calls.append(("file", kw)))
     out = tmp_path / "exported"
-    assert export_main(["--draft", str(trained[0]), "--target", str(tiny_target), "--out", str(out),
-                        "--push-to-hub", "org/draft-x", "--private"]) == 0
+    assert (
+        export_main(
+            [
+                "--draft",
+                str(trained[0]),
+                "--target",
+                str(tiny_target),
+                "--out",
+                str(out),
+                "--push-to-hub",
+                "org/draft-x",
+                "--private",
+            ]
+        )
+        == 0
+    )
     (_, repo, create), (_, folder, files), (_, root) = calls
     assert repo == "org/draft-x" and create["private"] is True and create["exist_ok"] is True
     assert folder["repo_id"] == "org/draft-x" and folder["folder_path"] == str(out)
     assert sorted(folder["allow_patterns"]) == ["sglang/*", "vllm/*"]
-    assert files == sorted(f"{e}/{f}" for e in ("sglang", "vllm") for f in ("README.md", "config.json", "model.safetensors", "provenance.json"))
+    assert files == sorted(
+        f"{e}/{f}"
+        for e in ("sglang", "vllm")
+        for f in ("README.md", "config.json", "model.safetensors", "provenance.json")
+    )
     assert root["repo_id"] == "org/draft-x" and root["path_in_repo"] == "README.md"
     assert b"hf download org/draft-x --local-dir draft-x" in root["path_or_fileobj"]
     card = (out / "vllm" / "README.md").read_text()  # what a downloader runs

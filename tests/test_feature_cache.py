@@ -21,8 +21,13 @@ def setup(tiny_target):
     target.lm_head.weight.data *= 20  # peaked: some top-1 tokens fall outside the draft vocabulary
     vocab = VocabMap(torch.arange(0, target.config.vocab_size, 2), target.config.vocab_size)  # about half the top-1s
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 4000, (n,), generator=g).tolist(),
-             "loss_mask": (torch.rand(n, generator=g) > 0.3).long().tolist()} for n in LENGTHS]
+    data = [
+        {
+            "input_ids": torch.randint(0, 4000, (n,), generator=g).tolist(),
+            "loss_mask": (torch.rand(n, generator=g) > 0.3).long().tolist(),
+        }
+        for n in LENGTHS
+    ]
     return target, vocab, data, TargetFeatures(target, [1, 2, 3], vocab)
 
 
@@ -30,8 +35,17 @@ def build(tmp_path, tiny_target, setup, dtype="bfloat16", extract=None, **kw):
     target, vocab, data, features = setup
     parts = cache_parts("data-key", str(tiny_target), "float32", [1, 2, 3], vocab, dtype)
     folder = cache_folder(tmp_path, parts)
-    cache = ensure_cache(folder, parts, data, lambda: extract or features.hidden, hidden_size=64, aux_size=192,
-                         batch_size=2, pad_id=0, **kw)
+    cache = ensure_cache(
+        folder,
+        parts,
+        data,
+        lambda: extract or features.hidden,
+        hidden_size=64,
+        aux_size=192,
+        batch_size=2,
+        pad_id=0,
+        **kw,
+    )
     return cache, parts
 
 
@@ -58,7 +72,9 @@ def test_cached_features_and_losses_equal_online(tmp_path, tiny_target, setup, s
         online_batch = collate([data[i] for i in ids], 0)
         online = features(online_batch["input_ids"])
         batch = cache.batch(ids, 0)
-        cached = Features.from_last_hidden(batch["aux_hidden"], batch["last_hidden"], batch["teacher_ok"], features.draft_head)
+        cached = Features.from_last_hidden(
+            batch["aux_hidden"], batch["last_hidden"], batch["teacher_ok"], features.draft_head
+        )
         for k in ("input_ids", "loss_mask", "attention_mask"):
             assert torch.equal(batch[k], online_batch[k])
         real = online_batch["attention_mask"].bool()
@@ -90,7 +106,9 @@ def test_a_killed_build_resumes_with_only_the_missing_shards(tmp_path, tiny_targ
     mtimes = {n: (folder / n).stat().st_mtime_ns for n in done}
 
     calls.clear()
-    resumed, _ = build(tmp_path, tiny_target, setup, extract=lambda ids: calls.append(ids.shape[0]) or setup[3].hidden(ids))
+    resumed, _ = build(
+        tmp_path, tiny_target, setup, extract=lambda ids: calls.append(ids.shape[0]) or setup[3].hidden(ids)
+    )
     assert {n: (folder / n).stat().st_mtime_ns for n in done} == mtimes  # finished shards were kept as they were
     assert 0 < sum(calls) < len(LENGTHS)  # and only the others' samples went through the target
     fresh, _ = build(tmp_path / "fresh", tiny_target, setup)
@@ -105,7 +123,9 @@ def test_ranks_share_the_shards_and_rank0_completes_the_manifest(tmp_path, tiny_
     folder = cache_folder(tmp_path, parts)
     kw = dict(hidden_size=64, aux_size=192, batch_size=2)
     plan = feature_cache.build_shards(folder, parts, data, lambda: features.hidden, rank=1, world=2, **kw)
-    assert sorted(p.name for p in folder.glob("shard-*")) == [shard_path(folder, j).name for j in range(1, len(plan), 2)]
+    assert sorted(p.name for p in folder.glob("shard-*")) == [
+        shard_path(folder, j).name for j in range(1, len(plan), 2)
+    ]
     with pytest.raises(FileNotFoundError, match="missing"):
         feature_cache.write_manifest(folder, parts, plan)
     cache = ensure_cache(folder, parts, data, lambda: features.hidden, rank=0, world=2, **kw)
@@ -116,10 +136,12 @@ def test_a_cache_is_keyed_by_what_its_features_depend_on(tmp_path, tiny_target, 
     _, vocab, _, _ = setup
     base = cache_parts("data-key", str(tiny_target), "float32", [1, 2, 3], vocab, "bfloat16")
     other_vocab = VocabMap(vocab.draft_ids + 1, vocab.vocab_size)
-    variants = [cache_parts("other-data", str(tiny_target), "float32", [1, 2, 3], vocab, "bfloat16"),
-                cache_parts("data-key", str(tiny_target), "bfloat16", [1, 2, 3], vocab, "bfloat16"),
-                cache_parts("data-key", str(tiny_target), "float32", [1, 2, 3], other_vocab, "bfloat16"),
-                cache_parts("data-key", str(tiny_target), "float32", [1, 2, 3], vocab, "float16")]
+    variants = [
+        cache_parts("other-data", str(tiny_target), "float32", [1, 2, 3], vocab, "bfloat16"),
+        cache_parts("data-key", str(tiny_target), "bfloat16", [1, 2, 3], vocab, "bfloat16"),
+        cache_parts("data-key", str(tiny_target), "float32", [1, 2, 3], other_vocab, "bfloat16"),
+        cache_parts("data-key", str(tiny_target), "float32", [1, 2, 3], vocab, "float16"),
+    ]
     assert len({cache_folder(tmp_path, p) for p in [base, *variants]}) == 5
     cache, parts = build(tmp_path, tiny_target, setup)
     with pytest.raises(ValueError, match="built for"):

@@ -29,8 +29,11 @@ def test_layer_numbering():
     assert to_vllm_layer_ids([2, 16, 29], "vllm") == [2, 16, 29]
 
 
-@pytest.mark.parametrize("options", [{}, {"fc_norm": True}, {"norm_before_fc": True}, {"norm_before_fc": True, "fc_norm": True}],
-                         ids=lambda o: "+".join(o) or "eagle3")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"fc_norm": True}, {"norm_before_fc": True}, {"norm_before_fc": True, "fc_norm": True}],
+    ids=lambda o: "+".join(o) or "eagle3",
+)
 def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_layer(tiny_target, options):
     """init_from_target: fc passes the high aux layer through, norm + lm_head are the target's
     (draft rows), so on a target hidden state the draft head scores exactly as the target;
@@ -48,8 +51,10 @@ def test_draft_initialised_from_the_target_reproduces_its_output_from_the_high_l
     features = TargetFeatures(target, [1, 2, 3], vm)
     draft.init_from_target(features.draft_head, final_norm(tiny_target))
     H = target.config.hidden_size
-    aux = torch.randn(2, 5, 3 * H) * torch.tensor([0.01] * H + [1.0] * H + [30.0] * H)  # layers of very different scales
-    high = aux[..., 2 * H:]
+    aux = torch.randn(2, 5, 3 * H) * torch.tensor(
+        [0.01] * H + [1.0] * H + [30.0] * H
+    )  # layers of very different scales
+    high = aux[..., 2 * H :]
     with torch.no_grad():
         expected = target.lm_head(target.model.norm(high))[..., vm.draft_ids]
         got = draft.lm_head(draft.norm(draft.fc(aux)))

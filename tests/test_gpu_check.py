@@ -10,15 +10,25 @@ from benchmark import gpu_check
 
 
 def test_gpu_check_runs_every_part_and_writes_one_table(tmp_path):
-    r = subprocess.run(["bash", str(ROOT / "benchmark" / "gpu_check.sh"), "--out", str(tmp_path)], cwd=tmp_path,
-                       env=run_env(), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        ["bash", str(ROOT / "benchmark" / "gpu_check.sh"), "--out", str(tmp_path)],
+        cwd=tmp_path,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["shape"] == "tiny" and report["device"] == "cpu"
     rows = report["rows"]
     bench = [(x["seq_len"], x["micro_batch"], x["impl"]) for x in rows if x["part"] == "bench"]
-    assert bench == [(L, b, impl) for L, batches in gpu_check.PLANS["tiny"]["bench"] for b in batches
-                     for impl in ("reference", "efficient")]
+    assert bench == [
+        (L, b, impl)
+        for L, batches in gpu_check.PLANS["tiny"]["bench"]
+        for b in batches
+        for impl in ("reference", "efficient")
+    ]
     for x in rows:
         if x["part"] == "bench":
             assert not x["oom"] and x["tokens_per_s"] > 0 and x["peak_gib"] > 0
@@ -32,8 +42,11 @@ def test_gpu_check_runs_every_part_and_writes_one_table(tmp_path):
     equiv = [x for x in rows if x["part"] == "equiv"]
     assert len(equiv) == 2 and all(x["ok"] and 0 < x["err"] < 0.1 for x in equiv)
     assert equiv[1]["top1_agree"] > 0.9
-    for line in ["bench  L=128 micro-batch 2 efficient:", "train  L=128 micro-batch 2 cached features:",
-                 "equiv  TTT logits vs float64 chain:"]:
+    for line in [
+        "bench  L=128 micro-batch 2 efficient:",
+        "train  L=128 micro-batch 2 cached features:",
+        "equiv  TTT logits vs float64 chain:",
+    ]:
         assert line in r.stdout
 
 

@@ -8,17 +8,33 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_env
 
 MAIN = Path(__file__).resolve().parents[1] / "traineagle3" / "llama" / "main.py"
 CHAT = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
 # run in a folder holding these files; a case's flags come after these and override them
-FILES = {"ds.json": json.dumps({"train_micro_batch_size_per_gpu": 2}), "good.jsonl": json.dumps(CHAT) + "\n",
-         "bad.jsonl": "{not json\n", "typo.json": json.dumps({"max_lenght": 512}), "half.json": "{\"ttt_steps\": ",
-         "option.json": json.dumps({"fc_norm": "false"})}
-BASE = ["--deepspeed_config", "ds.json", "--train_data", "good.jsonl", "--output_dir", "out", "--cache_dir", "cache",
-        "--num_proc", "1", "--progress", "false"]
+FILES = {
+    "ds.json": json.dumps({"train_micro_batch_size_per_gpu": 2}),
+    "good.jsonl": json.dumps(CHAT) + "\n",
+    "bad.jsonl": "{not json\n",
+    "typo.json": json.dumps({"max_lenght": 512}),
+    "half.json": '{"ttt_steps": ',
+    "option.json": json.dumps({"fc_norm": "false"}),
+}
+BASE = [
+    "--deepspeed_config",
+    "ds.json",
+    "--train_data",
+    "good.jsonl",
+    "--output_dir",
+    "out",
+    "--cache_dir",
+    "cache",
+    "--num_proc",
+    "1",
+    "--progress",
+    "false",
+]
 
 EARLY = {  # all found before the process group, the data and the models
     "bad flag value": (["--max_length", "x"], "error: argument --max_length: invalid int value: 'x' (see --help)"),
@@ -31,7 +47,10 @@ EARLY = {  # all found before the process group, the data and the models
     "folder with no model": (["--target", "empty"], "error: empty: no config.json: not a model folder"),
     "missing train_data": (["--train_data", "nope.jsonl"], "error: nope.jsonl: no such file"),
     "draft_config not JSON": (["--draft_config", "half.json"], "error: half.json: not valid JSON"),
-    "draft option not a boolean": (["--draft_config", "option.json"], "error: option.json: fc_norm must be true or false, not 'false'"),
+    "draft option not a boolean": (
+        ["--draft_config", "option.json"],
+        "error: option.json: fc_norm must be true or false, not 'false'",
+    ),
 }
 
 
@@ -56,10 +75,16 @@ def test_a_mistake_found_before_any_work_is_one_line(folder, case):
     assert not (folder / "out").exists() and not (folder / "cache").exists()
 
 
-@pytest.mark.parametrize("data, expected", [
-    ("bad.jsonl", "error: bad.jsonl: kept 0 records; skipped 1 (invalid JSON; e.g. record 0): no usable conversations"),
-    ("good.jsonl", "error: good.jsonl: 1 training samples do not fill one global batch of 2"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (
+            "bad.jsonl",
+            "error: bad.jsonl: kept 0 records; skipped 1 (invalid JSON; e.g. record 0): no usable conversations",
+        ),
+        ("good.jsonl", "error: good.jsonl: 1 training samples do not fill one global batch of 2"),
+    ],
+)
 def test_a_mistake_in_the_data_ends_in_one_line_before_the_models_load(folder, tiny_target, data, expected):
     """Found once the target's tokenizer has read the data: the log lines come first, then the error."""
     r = train(folder, "--target", tiny_target, "--train_data", data, "--test_fraction", 0)
@@ -74,4 +99,7 @@ def test_under_the_launcher_every_rank_ends_in_the_line_and_the_launcher_in_stat
     r = train(folder, "--target", tiny_target, "--train_data", "bad.jsonl", launcher=deepspeed)
     errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert errors == ["error: bad.jsonl: kept 0 records; skipped 1 (invalid JSON; e.g. record 0): no usable conversations"] * 2
+    assert (
+        errors
+        == ["error: bad.jsonl: kept 0 records; skipped 1 (invalid JSON; e.g. record 0): no usable conversations"] * 2
+    )

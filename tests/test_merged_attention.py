@@ -55,7 +55,9 @@ def test_merged_attention_and_grads_equal_reference(device, dtype, steps, L, hea
     want = attention_and_grads(ttt_attention, *inputs, dtype, device)
     for kernel in kernels(device):
         got = attention_and_grads(merged_ttt_attention, *inputs, dtype, device, kernel=kernel)
-        for name, g, w in zip(["out", "q"] + [f"k{i}" for i in range(steps)] + [f"v{i}" for i in range(steps)], got, want):
+        for name, g, w in zip(
+            ["out", "q"] + [f"k{i}" for i in range(steps)] + [f"v{i}" for i in range(steps)], got, want
+        ):
             torch.testing.assert_close(g, w, **TOL[dtype], msg=f"{kernel}: {name}")
 
 
@@ -64,12 +66,18 @@ def test_merged_attention_and_grads_equal_reference(device, dtype, steps, L, hea
 @pytest.mark.parametrize("L", [7, 300])
 def test_bf16_merged_attention_is_as_accurate_as_reference(device, steps, L):
     q, keys, values, grad_out = attention_inputs(steps, L, 4, 2)
-    q, grad_out, keys, values = q.bfloat16().double(), grad_out.bfloat16().double(), \
-        [k.bfloat16().double() for k in keys], [v.bfloat16().double() for v in values]
+    q, grad_out, keys, values = (
+        q.bfloat16().double(),
+        grad_out.bfloat16().double(),
+        [k.bfloat16().double() for k in keys],
+        [v.bfloat16().double() for v in values],
+    )
     exact = attention_and_grads(ttt_attention, q, keys, values, grad_out, torch.float64, "cpu")
     ref = attention_and_grads(ttt_attention, q, keys, values, grad_out, torch.bfloat16, device)
     for kernel in kernels(device):
-        got = attention_and_grads(merged_ttt_attention, q, keys, values, grad_out, torch.bfloat16, device, kernel=kernel)
+        got = attention_and_grads(
+            merged_ttt_attention, q, keys, values, grad_out, torch.bfloat16, device, kernel=kernel
+        )
         for i, (g, r, e) in enumerate(zip(got, ref, exact)):
             ours, theirs = (g - e).abs().max().item(), (r - e).abs().max().item()
             assert ours <= 3 * theirs, f"{kernel} tensor {i}: error {ours:.4f} vs reference's {theirs:.4f}"
@@ -80,8 +88,13 @@ def test_merged_attention_keeps_no_L_by_L_tensor_for_backward():
     q, keys, values, _ = attention_inputs(3, L, H, KV, d=d, B=B)
     leaves = [x.requires_grad_() for x in [q, *keys, *values]]
     for fn, biggest_allowed in [(merged_ttt_attention, B * H * L * d), (ttt_attention, None)]:
-        sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        sizes: list[int] = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn(leaves[0], leaves[1:4], leaves[4:], 0.3)
         if biggest_allowed is None:  # the reference keeps the softmax over L x (L+k) scores
             assert max(sizes) >= B * H * L * L
@@ -93,7 +106,9 @@ def test_merged_attention_keeps_no_L_by_L_tensor_for_backward():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", ["soft", "hard"])
 def test_blockwise_teacher_ce_equals_plain(device, dtype, loss_type, monkeypatch):
-    monkeypatch.setattr(teacher_loss, "BLOCK_ELEMENTS", 3 * 50)  # blocks of 3 positions: 5 blocks per row, the last partial
+    monkeypatch.setattr(
+        teacher_loss, "BLOCK_ELEMENTS", 3 * 50
+    )  # blocks of 3 positions: 5 blocks per row, the last partial
     g = torch.Generator().manual_seed(1)
     logits = (4 * torch.randn(2, 13, 50, generator=g)).to(device, dtype)
     teacher = (4 * torch.randn(2, 13, 50, generator=g)).to(device, dtype)
@@ -112,8 +127,15 @@ def test_blockwise_teacher_ce_equals_plain(device, dtype, loss_type, monkeypatch
 
 
 def small_draft(seed=0):
-    target = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    target = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(seed)
     return Eagle3Draft.from_target(target, VocabMap(torch.arange(120), target.vocab_size), [1, 2, 3])
 

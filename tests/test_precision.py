@@ -4,20 +4,23 @@ the same answer for training (main.py, DeepSpeed) and serving (serve.sh)."""
 import subprocess
 
 import pytest
-
 from conftest import ROOT, run_env
+
 from traineagle3.precision import choose, cpu_flags, fill_deepspeed
 
 SAPPHIRE = {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
 ZEN4 = {"avx512f", "avx512_bf16", "avx2"}  # bf16 instructions, but no AMX tiles
 
 
-@pytest.mark.parametrize("device, flags, expected", [
-    ("cpu", SAPPHIRE, "bfloat16"),
-    ("cpu", ZEN4, "float32"),
-    ("cpu", set(), "float32"),
-    ("cuda", set(), "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "device, flags, expected",
+    [
+        ("cpu", SAPPHIRE, "bfloat16"),
+        ("cpu", ZEN4, "float32"),
+        ("cpu", set(), "float32"),
+        ("cuda", set(), "bfloat16"),
+    ],
+)
 def test_auto_follows_the_hardware(device, flags, expected):
     dtype, why = choose(device, "auto", flags)
     assert dtype == expected and why
@@ -45,8 +48,13 @@ def test_the_draft_trains_in_the_targets_precision_when_the_config_says_auto():
 
 def test_serve_sh_picks_what_training_picks_on_this_machine_and_a_flag_wins():
     def served_dtype(*flags):
-        out = subprocess.run(["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh"), "--dry-run", "--target", "/m", *flags],
-                             env=run_env(), capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh"), "--dry-run", "--target", "/m", *flags],
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         words = out.stdout.split()
         return words[words.index("--dtype") + 1], out.stderr
 

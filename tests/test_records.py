@@ -21,15 +21,18 @@ def test_leading_answer_and_trailing_question_are_dropped():
     assert normalise(rec) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
-@pytest.mark.parametrize("record, reason", [
-    ("a string", "not a dict"),
-    ({"text": "x"}, "no 'conversations' or 'messages'"),
-    ({"conversations": []}, "empty conversation"),
-    (sharegpt(("human", "q"), ("robot", "a")), "unknown role"),
-    (sharegpt(("human", "q"), ("gpt", "  ")), "empty message"),
-    (sharegpt(("human", "q"), ("human", "q2"), ("gpt", "a")), "roles do not alternate user/assistant"),
-    (sharegpt(("human", "q")), "no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ("a string", "not a dict"),
+        ({"text": "x"}, "no 'conversations' or 'messages'"),
+        ({"conversations": []}, "empty conversation"),
+        (sharegpt(("human", "q"), ("robot", "a")), "unknown role"),
+        (sharegpt(("human", "q"), ("gpt", "  ")), "empty message"),
+        (sharegpt(("human", "q"), ("human", "q2"), ("gpt", "a")), "roles do not alternate user/assistant"),
+        (sharegpt(("human", "q")), "no assistant turn"),
+    ],
+)
 def test_bad_records_are_rejected_with_a_reason(record, reason):
     with pytest.raises(BadRecord, match=reason):
         normalise(record)
@@ -75,11 +78,20 @@ def test_a_missing_file_is_named_not_looked_up_on_the_hub(tmp_path):
         read_conversations(str(tmp_path / "nope.jsonl"))
 
 
-@pytest.mark.parametrize("text,kind", [
-    ("請問台灣最高的山是哪一座？", "cjk"), ("用 Python 寫一個 quicksort", "cjk"), ("こんにちは、元気ですか", "cjk"),
-    ("What is the capital of France?", "latin"), ("Tell me about 台北 city please", "latin"), ("Café crème brûlée", "latin"),
-    ("def f(x):\n    return x", "code"), ("Fix this:\n```js\nlet a = 1\n```", "code"),
-    ("Привет, как дела?", "other"), ("12345 ?!", "other")])
+@pytest.mark.parametrize(
+    "text,kind",
+    [
+        ("請問台灣最高的山是哪一座？", "cjk"),
+        ("用 Python 寫一個 quicksort", "cjk"),
+        ("こんにちは、元気ですか", "cjk"),
+        ("What is the capital of France?", "latin"),
+        ("Tell me about 台北 city please", "latin"),
+        ("Café crème brûlée", "latin"),
+        ("def f(x):\n    return x", "code"),
+        ("Fix this:\n```js\nlet a = 1\n```", "code"),
+        ("Привет, как дела?", "other"),
+        ("12345 ?!", "other"),
+    ],
+)
 def test_writing_system_of_a_prompt(text, kind):
     assert writing_system(text) == kind
-

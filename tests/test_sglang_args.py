@@ -28,27 +28,65 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, export_random_draft
 from safetensors import safe_open
 
-from conftest import ROOT, export_random_draft
 from traineagle3.draft import default_aux_layers
 
 SGLANG = Path(sys.prefix) / "sglang"
 TREE = ("--num-steps", "5", "--eagle-topk", "8", "--num-draft-tokens", "32")
-ALL = ("--served-name", "smol", "--host", "0.0.0.0", "--port", "9000", "--dtype", "bfloat16", "--tp", "2",
-       "--max-model-len", "2048", "--attention-backend", "triton", "--mem-fraction-static", "0.8",
-       "--max-total-tokens", "65536", "--cuda-graph-max-bs", "16")
-ALL_MEANT = {"served_model_name": "smol", "host": "0.0.0.0", "port": 9000, "dtype": "bfloat16", "tp_size": 2,
-             "context_length": 2048, "attention_backend": "triton", "mem_fraction_static": 0.8,
-             "max_total_tokens": 65536, "cuda_graph_max_bs_decode": 16}
-CHAIN_MEANT = {"speculative_algorithm": "EAGLE3", "speculative_num_steps": 3, "speculative_eagle_topk": 1,
-               "speculative_num_draft_tokens": 4}
-TREE_MEANT = {"speculative_algorithm": "EAGLE3", "speculative_num_steps": 5, "speculative_eagle_topk": 8,
-              "speculative_num_draft_tokens": 32}
+ALL = (
+    "--served-name",
+    "smol",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "9000",
+    "--dtype",
+    "bfloat16",
+    "--tp",
+    "2",
+    "--max-model-len",
+    "2048",
+    "--attention-backend",
+    "triton",
+    "--mem-fraction-static",
+    "0.8",
+    "--max-total-tokens",
+    "65536",
+    "--cuda-graph-max-bs",
+    "16",
+)
+ALL_MEANT = {
+    "served_model_name": "smol",
+    "host": "0.0.0.0",
+    "port": 9000,
+    "dtype": "bfloat16",
+    "tp_size": 2,
+    "context_length": 2048,
+    "attention_backend": "triton",
+    "mem_fraction_static": 0.8,
+    "max_total_tokens": 65536,
+    "cuda_graph_max_bs_decode": 16,
+}
+CHAIN_MEANT = {
+    "speculative_algorithm": "EAGLE3",
+    "speculative_num_steps": 3,
+    "speculative_eagle_topk": 1,
+    "speculative_num_draft_tokens": 4,
+}
+TREE_MEANT = {
+    "speculative_algorithm": "EAGLE3",
+    "speculative_num_steps": 5,
+    "speculative_eagle_topk": 8,
+    "speculative_num_draft_tokens": 32,
+}
 # serve.sh flags -> the SGLang settings they must end as (besides model and draft paths)
 CASES = {
-    "baseline": ((), {"port": 8000, "context_length": 4096, "tp_size": 1, "dtype": "auto",
-                      "speculative_algorithm": None}),
+    "baseline": (
+        (),
+        {"port": 8000, "context_length": 4096, "tp_size": 1, "dtype": "auto", "speculative_algorithm": None},
+    ),
     "eagle": (("--eagle",), {"port": 8001, "context_length": 4096, **CHAIN_MEANT}),
     "eagle-tree": (("--eagle", *TREE), TREE_MEANT),
     "baseline-all-flags": (ALL, ALL_MEANT),
@@ -61,9 +99,23 @@ CASES = {
 
 def serve_line(target, draft, flags) -> list[str]:
     env = dict(os.environ, PYTHON=sys.executable)
-    r = subprocess.run(["bash", str(ROOT / "benchmark" / "sglang" / "serve.sh"), "--dry-run", "--target",
-                        str(target), "--draft", str(draft), *flags], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmark" / "sglang" / "serve.sh"),
+            "--dry-run",
+            "--target",
+            str(target),
+            "--draft",
+            str(draft),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (line,) = r.stdout.splitlines()
     return shlex.split(line)
@@ -74,9 +126,14 @@ def run_probe(lines: list[list[str]], work: Path) -> list[dict]:
         pytest.fail(f"no SGLang in {SGLANG}: run make setup")
     (work / "lines.json").write_text(json.dumps(lines))
     env = dict(os.environ, PYTHONPATH=str(SGLANG), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sglang_probe.py"), str(work / "lines.json"),
-                        str(work / "results.json")], cwd=work, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sglang_probe.py"), str(work / "lines.json"), str(work / "results.json")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-5000:]
     return json.loads((work / "results.json").read_text())
 
@@ -84,7 +141,8 @@ def run_probe(lines: list[list[str]], work: Path) -> list[dict]:
 def test_the_sglang_tested_is_the_one_sglang_def_serves_with():
     (version,) = re.findall(r"^From: lmsysorg/sglang:v(\S+)$", (ROOT / "sglang.def").read_text(), re.M)
     assert (SGLANG / f"sglang-{version}.dist-info").is_dir(), (
-        f"sglang.def serves with SGLang {version}; make setup must install the same into {SGLANG}")
+        f"sglang.def serves with SGLang {version}; make setup must install the same into {SGLANG}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +175,15 @@ def test_sglang_reads_the_exported_draft_as_trained(probed, exported, smol_path)
     reading = probed["eagle"]["eagle3"]
     layers = json.loads((smol_path / "config.json").read_text())["num_hidden_layers"]
     assert (reading["is_eagle3"], reading["target_class"], reading["draft_class"]) == (
-        True, "LlamaForCausalLM", "LlamaForCausalLMEagle3")
+        True,
+        "LlamaForCausalLM",
+        "LlamaForCausalLMEagle3",
+    )
     assert (reading["use_aux_hidden_state"], reading["draft_num_layers"], reading["draft_dtype"]) == (
-        True, 1, "bfloat16")
+        True,
+        1,
+        "bfloat16",
+    )
     assert reading["target_num_layers"] == layers
     assert reading["captures_aux"] is True
     # training captures the inputs of these layers (vLLM's numbering); SGLang must capture the same
@@ -127,7 +191,8 @@ def test_sglang_reads_the_exported_draft_as_trained(probed, exported, smol_path)
     assert reading["captured_layer_inputs"] == trained["eagle_aux_hidden_state_layer_ids"], (
         f"SGLang reads aux ids {reading['aux_layer_ids']} from {exported['sglang']} and captures the inputs "
         f"of layers {reading['captured_layer_inputs']}; the draft was trained on "
-        f"{trained['eagle_aux_hidden_state_layer_ids']}")
+        f"{trained['eagle_aux_hidden_state_layer_ids']}"
+    )
     with safe_open(exported["sglang"] / "model.safetensors", "pt") as f:
         fc_in = f.get_slice("fc.weight").get_shape()[1]
     assert reading["fc_in_features"] == fc_in

@@ -19,15 +19,17 @@ DATE_HEADER = (
 # "\n" "\nParis": a mismatch of its own, which the audit would rightly report)
 SERVED = DATE_HEADER + (
     "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] | trim }}<|eot_id|>"
-    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
+)
 TRAINED = SERVED.replace("strftime_now is defined", "false")  # rendered where no clock was offered
 
 
 def prompt_ids(tokenizer, template: str, messages: list[dict]) -> list[int]:
     """The prompt part of training's rendering (everything before the first trained token)."""
     tokenizer.chat_template = template
-    ids, mask = tokenize_conversation(tokenizer, messages + [{"role": "assistant", "content": "Paris."}],
-                                      special_token_ids(tokenizer))
+    ids, mask = tokenize_conversation(
+        tokenizer, messages + [{"role": "assistant", "content": "Paris."}], special_token_ids(tokenizer)
+    )
     return ids[: mask.index(1)]
 
 

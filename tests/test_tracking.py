@@ -12,10 +12,28 @@ from traineagle3.metrics import MetricsLog
 from traineagle3.tracking import open_tracker, require, scalars
 
 RECORDS = [
-    {"step": 1, "epoch": 0.5, "split": "train", "lr": 1e-4, "loss": [2.5, 3.0], "acc": [0.25, 0.125],
-     "acceptance": [0.25, 0.0625], "tokens_per_s": 900.0, "peak_rss_gib": 1.5},
-    {"step": 2, "epoch": 1.0, "split": "train", "lr": 2e-4, "loss": [2.0, 2.75], "acc": [0.5, 0.25],
-     "acceptance": [0.375, 0.125], "tokens_per_s": 950.0, "peak_rss_gib": 1.75},
+    {
+        "step": 1,
+        "epoch": 0.5,
+        "split": "train",
+        "lr": 1e-4,
+        "loss": [2.5, 3.0],
+        "acc": [0.25, 0.125],
+        "acceptance": [0.25, 0.0625],
+        "tokens_per_s": 900.0,
+        "peak_rss_gib": 1.5,
+    },
+    {
+        "step": 2,
+        "epoch": 1.0,
+        "split": "train",
+        "lr": 2e-4,
+        "loss": [2.0, 2.75],
+        "acc": [0.5, 0.25],
+        "acceptance": [0.375, 0.125],
+        "tokens_per_s": 950.0,
+        "peak_rss_gib": 1.75,
+    },
     {"step": 2, "epoch": 1.0, "split": "test", "loss": [2.25, 2.5], "tau": 1.625, "round_acceptance": [0.5, 0.125]},
 ]
 
@@ -29,8 +47,14 @@ def log_records(kind, out):
 
 def test_scalars_name_each_position_and_skip_text():
     s = scalars(RECORDS[2] | {"time": "2026-12-02T00:00:00+00:00"})
-    assert s == {"test/epoch": 1.0, "test/loss/0": 2.25, "test/loss/1": 2.5, "test/tau": 1.625,
-                 "test/round_acceptance/0": 0.5, "test/round_acceptance/1": 0.125}
+    assert s == {
+        "test/epoch": 1.0,
+        "test/loss/0": 2.25,
+        "test/loss/1": 2.5,
+        "test/tau": 1.625,
+        "test/round_acceptance/0": 0.5,
+        "test/round_acceptance/1": 0.125,
+    }
 
 
 def test_tensorboard_reader_gets_the_scalars_back(tmp_path):

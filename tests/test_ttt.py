@@ -39,8 +39,9 @@ def test_ttt_attention_matches_slow_reference(steps):
 
 def tiny_draft(target, vocab, seed=0, options=None):
     torch.manual_seed(seed)
-    return Eagle3Draft.from_target(target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data,
-                                   overrides=options)
+    return Eagle3Draft.from_target(
+        target.config, vocab, [1, 2, 3], target.get_input_embeddings().weight.data, overrides=options
+    )
 
 
 def rms(x, weight, eps=1e-6):
@@ -72,8 +73,10 @@ def serve_step(draft, token, hidden, pos, K, V):
     v = attn.v_proj(x).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     cos, sin = draft._rope[0](hidden, torch.tensor([[pos]]))
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    K.append(k); V.append(v)
+    K.append(k)
+    V.append(v)
     rep = attn.num_heads // attn.num_kv_heads
     Kc, Vc = torch.cat(K, 2).repeat_interleave(rep, 1), torch.cat(V, 2).repeat_interleave(rep, 1)
     a = torch.softmax(q @ Kc.transpose(-1, -2) / math.sqrt(attn.head_dim), -1) @ Vc
@@ -84,8 +87,15 @@ def serve_step(draft, token, hidden, pos, K, V):
     return draft.lm_head(out), out if cfg.norm_output else hidden
 
 
-OPTION_SETS = [{}, {"fc_norm": True}, {"norm_before_fc": True}, {"norm_output": True}, {"norm_before_residual": True},
-               {"fc_norm": True, "norm_output": True}, {name: True for name in OPTIONS}]
+OPTION_SETS = [
+    {},
+    {"fc_norm": True},
+    {"norm_before_fc": True},
+    {"norm_output": True},
+    {"norm_before_residual": True},
+    {"fc_norm": True, "norm_output": True},
+    {name: True for name in OPTIONS},
+]
 
 
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "+".join(o) or "eagle3")
@@ -139,7 +149,9 @@ def test_loss_falls_when_overfitting_8_samples(tiny_target):
     history = []
     for _ in range(60):
         r = draft(feats.aux_hidden, ids, mask, feats.teacher, feats.teacher_ok, steps=3)
-        opt.zero_grad(); r.loss.backward(); opt.step()
+        opt.zero_grad()
+        r.loss.backward()
+        opt.step()
         history.append((r.loss.item(), (r.correct[0] / r.count[0]).item()))
     assert history[-1][0] < 0.3 * history[0][0]
     assert history[-1][1] > 0.9 > history[0][1]
@@ -155,8 +167,10 @@ def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
     torch.manual_seed(0)
     B, L, V, steps = 2, 12, 5, 3
     teacher_top = torch.randint(0, V, (B, L))
-    guesses = [torch.where(torch.rand(B, L) < 0.6, teacher_top.roll(-1 - k, 1), (teacher_top.roll(-1 - k, 1) + 1) % V)
-               for k in range(steps)]  # step k at t is right where guesses[k][t] == teacher_top[t+1+k]
+    guesses = [
+        torch.where(torch.rand(B, L) < 0.6, teacher_top.roll(-1 - k, 1), (teacher_top.roll(-1 - k, 1) + 1) % V)
+        for k in range(steps)
+    ]  # step k at t is right where guesses[k][t] == teacher_top[t+1+k]
     loss_mask = (torch.rand(B, L) < 0.8).long()
     teacher_ok = torch.rand(B, L) < 0.9
 
@@ -174,10 +188,25 @@ def test_acceptance_counts_chains_of_right_steps_as_an_engine_accepts():
             self.k += 1
             return logits, hidden
 
-    r = ttt_unroll(Scripted(), torch.zeros(B, L, 4), torch.zeros(B, L, dtype=torch.long), loss_mask,
-                   torch.nn.functional.one_hot(teacher_top, V).float(), teacher_ok, steps=steps, loss_type="hard")
-    right = lambda b, t, k: (t + 2 + k < L and loss_mask[b, t + 2 + k] > 0 and bool(teacher_ok[b, t + 1 + k])
-                             and guesses[k][b, t] == teacher_top[b, t + 1 + k])
+    r = ttt_unroll(
+        Scripted(),
+        torch.zeros(B, L, 4),
+        torch.zeros(B, L, dtype=torch.long),
+        loss_mask,
+        torch.nn.functional.one_hot(teacher_top, V).float(),
+        teacher_ok,
+        steps=steps,
+        loss_type="hard",
+    )
+
+    def right(b, t, k):
+        return (
+            t + 2 + k < L
+            and loss_mask[b, t + 2 + k] > 0
+            and bool(teacher_ok[b, t + 1 + k])
+            and guesses[k][b, t] == teacher_top[b, t + 1 + k]
+        )
+
     scored = [(b, t) for b in range(B) for t in range(L - 2) if loss_mask[b, t + 2] > 0]  # in the vocabulary or not
     for k in range(steps):
         assert int(r.correct[k]) == sum(right(b, t, k) for b in range(B) for t in range(L - 2))
@@ -200,8 +229,8 @@ def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
 
 def test_round_stats_and_the_offline_evaluator_count_rounds_alike():
     """Rounds accepting 0, 0, 1, 3 drafts (k = 3): tau 2 = 8 tokens / 4 rounds; P(> i accepted)."""
-    from traineagle3.evaluate import summarize
     from traineagle3.acceptance import round_stats
+    from traineagle3.evaluate import summarize
 
     rounds, tau, rates = round_stats(torch.tensor([2.0, 1.0, 0.0, 1.0]))
     assert (rounds, tau) == (4, 2.0) and rates == [0.5, 0.25, 0.25]

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import ROOT, run_env
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm_server import vllm_server
+
 from traineagle3 import verify
 from traineagle3.draft import OPTIONS
-from vllm_server import vllm_server
 
 MT_BENCH = ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"
 PROMPTS, TOKENS = 3, 24
@@ -35,18 +35,29 @@ def overfit_draft(target_path, out, steps: int = 100, options: dict | None = Non
     tok = AutoTokenizer.from_pretrained(target_path)
     samples = []
     for p in read_prompts(str(MT_BENCH), PROMPTS, max_turns=1):
-        text = tok.apply_chat_template([{"role": "user", "content": p["turns"][0]}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p["turns"][0]}], tokenize=False, add_generation_prompt=True
+        )
         prompt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         answer = greedy(target, prompt, TOKENS, _eos_ids(target, tok)).tokens
         samples.append(torch.cat([prompt, torch.tensor([answer])], 1))
     aux = default_aux_layers(target.config.num_hidden_layers)
-    vocab = build_vocab_map([s[0].tolist() for s in samples], [[1] * s.shape[1] for s in samples], target.config.vocab_size, 4000)
+    vocab = build_vocab_map(
+        [s[0].tolist() for s in samples], [[1] * s.shape[1] for s in samples], target.config.vocab_size, 4000
+    )
     features = TargetFeatures(target, aux, vocab)
     feats = [features(s) for s in samples]
     torch.manual_seed(0)
-    draft = Eagle3Draft.from_target(target.config, vocab, aux, target.get_input_embeddings().weight.data, overrides=options,
-                                    init="target",
-                                    head_rows=features.draft_head, final_norm=final_norm(target_path))
+    draft = Eagle3Draft.from_target(
+        target.config,
+        vocab,
+        aux,
+        target.get_input_embeddings().weight.data,
+        overrides=options,
+        init="target",
+        head_rows=features.draft_head,
+        final_norm=final_norm(target_path),
+    )
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(steps):
         for s, f in zip(samples, feats):
@@ -75,18 +86,42 @@ def servers(smol_path, baseline, tmp_path_factory):
 
 
 def run(servers, out, *extra, eagle=None, base=None, draft=None):
-    return verify.main(["--target", "smollm2-135m-instruct", "--draft", str(draft or servers["draft"]),
-                        "--trained", str(servers["trained"]), "--prompts", str(MT_BENCH), "--num-prompts", str(PROMPTS),
-                        "--max-tokens", str(TOKENS), "--base-url", eagle or servers["eagle"],
-                        "--baseline-url", base or servers["base"], "--out", str(out), *extra])
+    return verify.main(
+        [
+            "--target",
+            "smollm2-135m-instruct",
+            "--draft",
+            str(draft or servers["draft"]),
+            "--trained",
+            str(servers["trained"]),
+            "--prompts",
+            str(MT_BENCH),
+            "--num-prompts",
+            str(PROMPTS),
+            "--max-tokens",
+            str(TOKENS),
+            "--base-url",
+            eagle or servers["eagle"],
+            "--baseline-url",
+            base or servers["base"],
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_a_draft_served_as_trained_passes(servers, tmp_path, capsys):
     assert run(servers, tmp_path / "v.json") == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "v.json").read_text())
-    assert {name: c["ok"] for name, c in report["checks"].items()} == \
-        {"config": True, "template": True, "mask": True, "greedy": True, "acceptance": True}
+    assert {name: c["ok"] for name, c in report["checks"].items()} == {
+        "config": True,
+        "template": True,
+        "mask": True,
+        "greedy": True,
+        "acceptance": True,
+    }
     rows = report["prompts"]
     assert len(rows) == 3 and all(r["drafts"] > 0 and 0 < len(r["output"]) <= 24 for r in rows)  # the server drafted
     assert report["acceptance"]["total"]["served_tau"] > 2  # the overfit draft is accepted: a gap would show
@@ -97,11 +132,16 @@ def test_a_draft_served_as_trained_passes(servers, tmp_path, capsys):
     assert "[[" in out and "PASS greedy" in out and "all checks passed" in out
 
 
-def test_a_served_system_prompt_that_training_did_not_have_fails_the_template_audit(servers, smol_path, tmp_path, capsys):
+def test_a_served_system_prompt_that_training_did_not_have_fails_the_template_audit(
+    servers, smol_path, tmp_path, capsys
+):
     chat = (smol_path / "chat_template.jinja").read_text()
     assert "named SmolLM" in chat
     (tmp_path / "other.jinja").write_text(chat.replace("named SmolLM", "named Helper"))
-    with vllm_server(smol_path, tmp_path / "logs", extra=("--chat-template", str(tmp_path / "other.jinja"))) as (url, _):
+    with vllm_server(smol_path, tmp_path / "logs", extra=("--chat-template", str(tmp_path / "other.jinja"))) as (
+        url,
+        _,
+    ):
         assert run(servers, tmp_path / "v.json", eagle=url) == 1
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "v.json").read_text())
@@ -127,7 +167,9 @@ def test_a_draft_exported_with_the_other_engines_layer_numbering_fails_on_accept
     assert report["failures"][0].startswith("acceptance: position ")
 
 
-@pytest.mark.parametrize("options", [{"fc_norm": True, "norm_output": True}, dict.fromkeys(OPTIONS, True)], ids="+".join)
+@pytest.mark.parametrize(
+    "options", [{"fc_norm": True, "norm_output": True}, dict.fromkeys(OPTIONS, True)], ids="+".join
+)
 def test_a_draft_with_eagle31_options_is_served_as_trained(smol_path, baseline, tmp_path, options):
     """vLLM loads a draft trained with EAGLE-3.1 options (fc_norm + norm_output; all four) and
     runs them as training did: greedy output unchanged, and served acceptance equals the
@@ -135,7 +177,9 @@ def test_a_draft_with_eagle31_options_is_served_as_trained(smol_path, baseline, 
     draft = overfit_draft(smol_path, tmp_path, options=options)
     assert all(json.loads((draft / "config.json").read_text())[name] is True for name in options)
     with vllm_server(smol_path, tmp_path / "logs", draft=draft) as (url, _):
-        code = run({"draft": draft, "trained": tmp_path / "trained", "eagle": url, "base": baseline}, tmp_path / "v.json")
+        code = run(
+            {"draft": draft, "trained": tmp_path / "trained", "eagle": url, "base": baseline}, tmp_path / "v.json"
+        )
     report = json.loads((tmp_path / "v.json").read_text())
     assert code == 0 and report["failures"] == [], report["failures"]
     assert all(r["drafts"] > 0 for r in report["prompts"])
@@ -149,17 +193,38 @@ def test_a_draft_shorter_than_the_served_length_is_refused(servers, tmp_path):
     (short / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))
     assert run(servers, tmp_path / "v.json", draft=short) == 1
     report = json.loads((tmp_path / "v.json").read_text())
-    assert report["failures"] == [report["failures"][0]] and "max_position_embeddings 1024 is below" in report["failures"][0]
+    assert (
+        report["failures"] == [report["failures"][0]]
+        and "max_position_embeddings 1024 is below" in report["failures"][0]
+    )
     assert "prompts" not in report  # refused before any prompt is served
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--prompts", "missing.jsonl", "--launch"], "missing.jsonl"),
-    (["--prompts", str(MT_BENCH), "--base-url", "http://127.0.0.1:1"], "--baseline-url"),
-    (["--prompts", str(MT_BENCH), "--launch", "--k", "0"], "--k")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompts", "missing.jsonl", "--launch"], "missing.jsonl"),
+        (["--prompts", str(MT_BENCH), "--base-url", "http://127.0.0.1:1"], "--baseline-url"),
+        (["--prompts", str(MT_BENCH), "--launch", "--k", "0"], "--k"),
+    ],
+)
 def test_a_users_mistake_is_one_line(tmp_path, args, message):
-    r = subprocess.run([sys.executable, "-m", "traineagle3.verify", "--target", "smollm2-135m-instruct",
-                        "--draft", str(tmp_path), *args], cwd=tmp_path, env=run_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "traineagle3.verify",
+            "--target",
+            "smollm2-135m-instruct",
+            "--draft",
+            str(tmp_path),
+            *args,
+        ],
+        cwd=tmp_path,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
 
@@ -172,22 +237,33 @@ def test_greedy_passes_an_output_that_differs_at_a_near_tie_only_and_fails_one_t
     prompt = [5, 17, 42, 9]
     plain = greedy(target, torch.tensor([prompt]), 12, set()).tokens
     with torch.no_grad():
-        top2 = target(torch.tensor([prompt + plain])).logits[0, len(prompt) - 1:-1].topk(2, -1)
+        top2 = target(torch.tensor([prompt + plain])).logits[0, len(prompt) - 1 : -1].topk(2, -1)
     margins = top2.values[:, 0] - top2.values[:, 1]
     j = int(margins.argmin())  # the closest call along the answer
     row = {"id": 7, "prompt_ids": prompt, "plain_output": plain}
     assert verify.greedy_check(target, [dict(row, output=plain)], 0.0) == (
-        None, "1 outputs identical to plain greedy, token for token", 0)
+        None,
+        "1 outputs identical to plain greedy, token for token",
+        0,
+    )
 
     swapped = plain[:j] + [int(top2.indices[j, 1])]  # the runner-up served at j, then greedy from there on
     swapped += greedy(target, torch.tensor([prompt + swapped]), len(plain) - len(swapped), set()).tokens
     m = float(margins[j])
     problem, line, ties = verify.greedy_check(target, [dict(row, output=swapped)], 2 * m)
-    assert problem is None and ties == 1 and f"0 of 1 outputs identical to plain greedy; 1 part at a near-tie (first at token {j})" in line
+    assert (
+        problem is None
+        and ties == 1
+        and f"0 of 1 outputs identical to plain greedy; 1 part at a near-tie (first at token {j})" in line
+    )
     problem, _, ties = verify.greedy_check(target, [dict(row, output=swapped)], m / 2)
-    assert ties == 0 and problem.startswith(f"1 of 1 outputs differ from plain greedy; prompt 7's output token {j} trails")
+    assert ties == 0 and problem.startswith(
+        f"1 of 1 outputs differ from plain greedy; prompt 7's output token {j} trails"
+    )
 
     with torch.no_grad():  # the target's last choice at j: far behind, whatever the tolerance of bf16
         worst = int(target(torch.tensor([prompt + plain[:j]])).logits[0, -1].argmin())
-    problem, _, _ = verify.greedy_check(target, [dict(row, output=plain[:j] + [worst] + plain[j + 1:])], verify.NEAR_TIE["bfloat16"])
+    problem, _, _ = verify.greedy_check(
+        target, [dict(row, output=plain[:j] + [worst] + plain[j + 1 :])], verify.NEAR_TIE["bfloat16"]
+    )
     assert problem is not None and f"token {j} trails" in problem

@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
+from conftest import export_random_draft, run_env
 from transformers import AutoConfig
 
-from conftest import export_random_draft, run_env
 from traineagle3.draft import default_aux_layers
 
 SCRIPT = """
@@ -31,8 +31,14 @@ def test_vllm_cpu_loads_an_exported_draft_and_drafts_with_it(smol_path, tmp_path
     script = tmp_path / "run_vllm.py"
     script.write_text(SCRIPT)
     env = run_env() | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, str(script), str(smol_path), str(folder)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), str(smol_path), str(folder)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-5000:]
     ids = default_aux_layers(tcfg.num_hidden_layers)

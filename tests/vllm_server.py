@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import ROOT
+
 from traineagle3.net import free_port
 
 SERVE = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
@@ -28,8 +29,24 @@ def vllm_server(model: Path, log_dir: Path, name: str = "smollm2", draft: Path |
     def stop() -> None:
         subprocess.run([*SERVE, *eagle[:1], "--stop"], env=env, check=True, capture_output=True, timeout=120)
 
-    subprocess.run([*SERVE, *eagle, "--target", str(model), "--served-name", name, "--port", str(port),
-                    "--max-model-len", "2048", *(["--", *extra] if extra else [])], env=env, check=True, timeout=900)
+    subprocess.run(
+        [
+            *SERVE,
+            *eagle,
+            "--target",
+            str(model),
+            "--served-name",
+            name,
+            "--port",
+            str(port),
+            "--max-model-len",
+            "2048",
+            *(["--", *extra] if extra else []),
+        ],
+        env=env,
+        check=True,
+        timeout=900,
+    )
     try:
         yield f"http://127.0.0.1:{port}/v1", stop
     finally:

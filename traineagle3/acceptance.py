@@ -54,4 +54,4 @@ def round_stats(hist: torch.Tensor) -> tuple[int, float, list[float]]:
     rounds = int(hist.sum().item())
     r = hist.double() / max(rounds, 1)
     tau = (r * torch.arange(1, len(hist) + 1)).sum().item()
-    return rounds, tau, [r[i + 1:].sum().item() for i in range(len(hist) - 1)]
+    return rounds, tau, [r[i + 1 :].sum().item() for i in range(len(hist) - 1)]

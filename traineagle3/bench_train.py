@@ -36,18 +36,54 @@ from .features import Features, TargetFeatures
 from .ttt import IMPLS
 from .vocab import VocabMap
 
-LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+LLAMA3 = dict(
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
 SHAPES = {  # the targets' shapes (their published configs)
-    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096),
-    "llama-1b": dict(LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64),
-    "llama-8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8),
-    "llama-70b": dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8),
+    "tiny": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    ),
+    "llama-1b": dict(
+        LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+    ),
+    "llama-8b": dict(
+        LLAMA3,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "llama-70b": dict(
+        LLAMA3,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = 2**30
@@ -65,8 +101,13 @@ def parse_args(argv=None):
     p.add_argument("--with-target", action="store_true", help="run a random-weights target forward in every step")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--find-max-micro-batch", type=int, metavar="LIMIT", default=0,
-                   help="CUDA: also search the largest micro-batch up to LIMIT that fits (doubling, then bisection)")
+    p.add_argument(
+        "--find-max-micro-batch",
+        type=int,
+        metavar="LIMIT",
+        default=0,
+        help="CUDA: also search the largest micro-batch up to LIMIT that fits (doubling, then bisection)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
@@ -83,8 +124,11 @@ class Setup:
         self.aux = default_aux_layers(tc.num_hidden_layers)
         self.vocab = VocabMap(torch.arange(min(args.draft_vocab, tc.vocab_size)), tc.vocab_size)
         g = torch.Generator(device=self.device).manual_seed(args.seed)
-        self.draft_head = (torch.randn(self.vocab.draft_vocab_size, tc.hidden_size, generator=g, device=self.device)
-                           / math.sqrt(tc.hidden_size) * 8).to(self.dtype)  # teacher logits of a few units
+        self.draft_head = (
+            torch.randn(self.vocab.draft_vocab_size, tc.hidden_size, generator=g, device=self.device)
+            / math.sqrt(tc.hidden_size)
+            * 8
+        ).to(self.dtype)  # teacher logits of a few units
         self.target = None
         if args.with_target:
             torch.manual_seed(args.seed)
@@ -95,11 +139,13 @@ class Setup:
     def inputs(self, batch: int, seed: int) -> dict:
         tc, L, d = self.target_config, self.args.seq_len, self.device
         g = torch.Generator(device=d).manual_seed(seed)
-        return {"input_ids": torch.randint(0, tc.vocab_size, (batch, L), generator=g, device=d),
-                "loss_mask": (torch.rand(batch, L, generator=g, device=d) > 0.2).long(),
-                "aux_hidden": torch.randn(batch, L, 3 * tc.hidden_size, generator=g, device=d).to(self.dtype),
-                "last_hidden": torch.randn(batch, L, tc.hidden_size, generator=g, device=d).to(self.dtype),
-                "teacher_ok": torch.rand(batch, L, generator=g, device=d) > 0.05}
+        return {
+            "input_ids": torch.randint(0, tc.vocab_size, (batch, L), generator=g, device=d),
+            "loss_mask": (torch.rand(batch, L, generator=g, device=d) > 0.2).long(),
+            "aux_hidden": torch.randn(batch, L, 3 * tc.hidden_size, generator=g, device=d).to(self.dtype),
+            "last_hidden": torch.randn(batch, L, tc.hidden_size, generator=g, device=d).to(self.dtype),
+            "teacher_ok": torch.rand(batch, L, generator=g, device=d) > 0.05,
+        }
 
     def features(self, x: dict) -> Features:
         if self.target is not None:
@@ -178,20 +224,34 @@ def measure(setup: Setup, impl: str, batch: int) -> dict:
             static = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            static = allocated_bytes(draft, opt, x, {"head": setup.draft_head}, *([setup.target.target] if setup.target else []))
+            static = allocated_bytes(
+                draft, opt, x, {"head": setup.draft_head}, *([setup.target.target] if setup.target else [])
+            )
         start = time.perf_counter()
         for _ in range(args.iters):
             setup.step(draft, opt, x, impl)
         seconds = (time.perf_counter() - start) / args.iters
-        step = torch.cuda.max_memory_allocated(device) - static if cuda else cpu_step_bytes(lambda: setup.step(draft, opt, x, impl))
+        step = (
+            torch.cuda.max_memory_allocated(device) - static
+            if cuda
+            else cpu_step_bytes(lambda: setup.step(draft, opt, x, impl))
+        )
     except torch.OutOfMemoryError:
         return {"impl": impl, "micro_batch": batch, "oom": True}
     finally:
         draft = opt = x = None  # drop the references so that release() frees them
         release(device)
-    return {"impl": impl, "micro_batch": batch, "oom": False, "first_loss": losses[0],
-            "tokens_per_s": batch * args.seq_len / seconds, "step_s": seconds,
-            "static_gib": static / GIB, "step_gib": step / GIB, "peak_gib": (static + step) / GIB}
+    return {
+        "impl": impl,
+        "micro_batch": batch,
+        "oom": False,
+        "first_loss": losses[0],
+        "tokens_per_s": batch * args.seq_len / seconds,
+        "step_s": seconds,
+        "static_gib": static / GIB,
+        "step_gib": step / GIB,
+        "peak_gib": (static + step) / GIB,
+    }
 
 
 def fits(setup: Setup, impl: str, batch: int) -> bool:
@@ -225,24 +285,37 @@ def ratios(rows: list[dict]) -> list[dict]:
         pair = {r["impl"]: r for r in rows if r["micro_batch"] == b and not r["oom"]}
         if {"efficient", "reference"} <= set(pair):
             e, r = pair["efficient"], pair["reference"]
-            out.append({"micro_batch": b, "tokens_per_s": e["tokens_per_s"] / r["tokens_per_s"],
-                        "peak_gib": e["peak_gib"] / r["peak_gib"], "step_gib": e["step_gib"] / r["step_gib"],
-                        "first_loss_rel_diff": abs(e["first_loss"] - r["first_loss"]) / abs(r["first_loss"])})
+            out.append(
+                {
+                    "micro_batch": b,
+                    "tokens_per_s": e["tokens_per_s"] / r["tokens_per_s"],
+                    "peak_gib": e["peak_gib"] / r["peak_gib"],
+                    "step_gib": e["step_gib"] / r["step_gib"],
+                    "first_loss_rel_diff": abs(e["first_loss"] - r["first_loss"]) / abs(r["first_loss"]),
+                }
+            )
     return out
 
 
 def table(rows: list[dict], ratio_rows: list[dict]) -> str:
-    lines = [f"{'impl':<10} {'batch':>5} {'tokens/s':>10} {'step s':>8} {'static GiB':>10} {'step GiB':>9} {'peak GiB':>9} {'loss':>9}"]
+    lines = [
+        f"{'impl':<10} {'batch':>5} {'tokens/s':>10} {'step s':>8} {'static GiB':>10} {'step GiB':>9} "
+        f"{'peak GiB':>9} {'loss':>9}"
+    ]
     for r in rows:
         if r["oom"]:
             lines.append(f"{r['impl']:<10} {r['micro_batch']:>5}   out of memory")
         else:
-            lines.append(f"{r['impl']:<10} {r['micro_batch']:>5} {r['tokens_per_s']:>10.1f} {r['step_s']:>8.3f} "
-                         f"{r['static_gib']:>10.3f} {r['step_gib']:>9.3f} {r['peak_gib']:>9.3f} {r['first_loss']:>9.4f}")
+            lines.append(
+                f"{r['impl']:<10} {r['micro_batch']:>5} {r['tokens_per_s']:>10.1f} {r['step_s']:>8.3f} "
+                f"{r['static_gib']:>10.3f} {r['step_gib']:>9.3f} {r['peak_gib']:>9.3f} {r['first_loss']:>9.4f}"
+            )
     for q in ratio_rows:
-        lines.append(f"efficient/reference at micro-batch {q['micro_batch']}: tokens/s x{q['tokens_per_s']:.2f}, "
-                     f"peak memory x{q['peak_gib']:.2f}, step memory x{q['step_gib']:.2f}, "
-                     f"first losses differ by {q['first_loss_rel_diff']:.1e} (relative)")
+        lines.append(
+            f"efficient/reference at micro-batch {q['micro_batch']}: tokens/s x{q['tokens_per_s']:.2f}, "
+            f"peak memory x{q['peak_gib']:.2f}, step memory x{q['step_gib']:.2f}, "
+            f"first losses differ by {q['first_loss_rel_diff']:.1e} (relative)"
+        )
     return "\n".join(lines)
 
 
@@ -251,15 +324,25 @@ def main(argv=None) -> dict:
     setup = Setup(args)
     device = setup.device
     rows = [measure(setup, impl, b) for b in args.micro_batch for impl in args.impl]
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "args": vars(args), "results": rows, "ratios": ratios(rows)}
-    print(f"{args.shape}, L={args.seq_len}, TTT {args.ttt_steps}, {args.dtype}, draft vocab "
-          f"{setup.vocab.draft_vocab_size}, {'target forward' if args.with_target else 'cached features'}, {result['device']}")
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": vars(args),
+        "results": rows,
+        "ratios": ratios(rows),
+    }
+    print(
+        f"{args.shape}, L={args.seq_len}, TTT {args.ttt_steps}, {args.dtype}, draft vocab "
+        f"{setup.vocab.draft_vocab_size}, {'target forward' if args.with_target else 'cached features'}, "
+        f"{result['device']}"
+    )
     print(table(rows, result["ratios"]))
     if args.find_max_micro_batch:
         if device.type != "cuda":
             raise SystemExit("--find-max-micro-batch needs a CUDA device")
-        result["max_micro_batch"] = {impl: max_micro_batch(setup, impl, args.find_max_micro_batch) for impl in args.impl}
+        result["max_micro_batch"] = {
+            impl: max_micro_batch(setup, impl, args.find_max_micro_batch) for impl in args.impl
+        }
         print("largest micro-batch that fits:", result["max_micro_batch"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

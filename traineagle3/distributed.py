@@ -17,7 +17,9 @@ from .net import free_port
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the launcher's process group; a plain `python main.py` is a world of one."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     if get_accelerator().device_name() == "cpu" and os.environ.get("WORLD_SIZE") == "1":
         # One CPU rank has no peer to all-reduce with, yet DeepSpeed would JIT-compile its
         # shared-memory all-reduce op for it, which is slow on a fresh machine (docs/RESULTS.md).
@@ -27,7 +29,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
+    return (
+        dist.get_rank(),
+        dist.get_world_size(),
+        torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu"),
+    )
 
 
 def local_rank0_first(fn):

@@ -40,9 +40,20 @@ from .cli import UserError, read_json_object
 from .ttt import TTTResult, repeat_kv, ttt_unroll
 
 OPTIONS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
-DERIVED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                  "intermediate_size", "rms_norm_eps", "vocab_size", "max_position_embeddings",
-                  "hidden_act", "bos_token_id", "eos_token_id", "rope_parameters")
+DERIVED_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "rms_norm_eps",
+    "vocab_size",
+    "max_position_embeddings",
+    "hidden_act",
+    "bos_token_id",
+    "eos_token_id",
+    "rope_parameters",
+)
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -59,8 +70,9 @@ def to_vllm_layer_ids(ids: list[int], numbering: str) -> list[int]:
     raise ValueError(f"aux layer numbering must be 'vllm' or 'sglang', not {numbering!r}")
 
 
-def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: list[int],
-                        overrides: dict | None = None) -> LlamaConfig:
+def derive_draft_config(
+    target_config, draft_vocab_size: int, aux_layer_ids: list[int], overrides: dict | None = None
+) -> LlamaConfig:
     """The draft's config: the target's shapes, RoPE and eps, one layer, its own vocab."""
     target_config = getattr(target_config, "text_config", target_config)
     fields = {k: getattr(target_config, k) for k in DERIVED_FIELDS if getattr(target_config, k, None) is not None}
@@ -70,8 +82,10 @@ def derive_draft_config(target_config, draft_vocab_size: int, aux_layer_ids: lis
     ids = list(aux_layer_ids)
     if len(ids) != 3 or ids != sorted(set(ids)) or not all(1 <= i < L for i in ids):
         # engines capture in layer order, once per layer, and vLLM cannot capture layer 0's input
-        raise UserError(f"need 3 distinct ascending aux layer ids in [1, {L}) (vLLM numbering), got {ids}; "
-                         "for a shallow target pass --aux_layers")
+        raise UserError(
+            f"need 3 distinct ascending aux layer ids in [1, {L}) (vLLM numbering), got {ids}; "
+            "for a shallow target pass --aux_layers"
+        )
     cfg = LlamaConfig(
         **fields,
         num_hidden_layers=1,
@@ -115,7 +129,9 @@ class KVCache:
         new, total = q.shape[2], self.k.shape[2]
         mask = torch.arange(total, device=q.device)[None, :] <= before + torch.arange(new, device=q.device)[:, None]
         rep = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q, repeat_kv(self.k, rep), repeat_kv(self.v, rep), attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(
+            q, repeat_kv(self.k, rep), repeat_kv(self.v, rep), attn_mask=mask, scale=scale
+        )
 
 
 class Eagle3Attention(nn.Module):
@@ -124,7 +140,11 @@ class Eagle3Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_proj = nn.Linear(2 * cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -219,21 +239,33 @@ class Eagle3Draft(nn.Module):
         learn on features of one scale.
         """
         if head_rows.shape != self.lm_head.weight.shape or final_norm.shape != self.norm.weight.shape:
-            raise ValueError(f"target head rows {tuple(head_rows.shape)} / norm {tuple(final_norm.shape)} do not fit "
-                             f"the draft's lm_head {tuple(self.lm_head.weight.shape)} / norm {tuple(self.norm.weight.shape)}")
+            raise ValueError(
+                f"target head rows {tuple(head_rows.shape)} / norm {tuple(final_norm.shape)} do not fit "
+                f"the draft's lm_head {tuple(self.lm_head.weight.shape)} / norm {tuple(self.norm.weight.shape)}"
+            )
         self.lm_head.weight.copy_(head_rows)
         self.norm.weight.copy_(final_norm)
         H = self.config.hidden_size  # the target's too (the draft shares its embedding)
         self.fc.weight.zero_()
-        self.fc.weight[:, 2 * H:].copy_(torch.eye(H))
+        self.fc.weight[:, 2 * H :].copy_(torch.eye(H))
         for norm in [getattr(self, "input_norm", None), *getattr(self, "fc_norm", [])]:
             if norm is not None:
                 norm.weight.fill_(1.0)
 
     @classmethod
-    def from_target(cls, target_config, vocab, aux_layer_ids: list[int], embedding: torch.Tensor | None = None, *,
-                    overrides: dict | None = None, init: str = "random", head_rows: torch.Tensor | None = None,
-                    final_norm: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Eagle3Draft:
+    def from_target(
+        cls,
+        target_config,
+        vocab,
+        aux_layer_ids: list[int],
+        embedding: torch.Tensor | None = None,
+        *,
+        overrides: dict | None = None,
+        init: str = "random",
+        head_rows: torch.Tensor | None = None,
+        final_norm: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Eagle3Draft:
         """A new draft for a target: the one way training, tools and tests make one.
 
         The config is derived from the target's (`derive_draft_config`, `overrides` over
@@ -261,8 +293,18 @@ class Eagle3Draft(nn.Module):
             draft.init_from_target(head_rows, final_norm)
         return draft
 
-    def forward(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
-                decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
+    def forward(
+        self,
+        aux_hidden,
+        input_ids,
+        loss_mask,
+        teacher,
+        teacher_ok,
+        steps: int = 7,
+        decay: float = 0.8,
+        loss_type: str = "soft",
+        impl: str = "efficient",
+    ) -> TTTResult:
         """A whole training-time-test unroll (see ttt.py); the engine's forward."""
         return ttt_unroll(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps, decay, loss_type, impl)
 

@@ -68,8 +68,16 @@ def greedy(target, prompt: torch.Tensor, max_new: int, eos: set[int]) -> Generat
 
 
 @torch.no_grad()
-def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, k: int, eos: set[int],
-                forced: list[int] | None = None) -> Generation:
+def speculative(
+    target,
+    hooks: AuxHooks,
+    draft,
+    prompt: torch.Tensor,
+    max_new: int,
+    k: int,
+    eos: set[int],
+    forced: list[int] | None = None,
+) -> Generation:
     """Greedy EAGLE-3 chain drafting; returns the same tokens as `greedy`, in fewer target passes.
 
     With `forced` (another decoder's output, e.g. a server's) the verified tokens are those
@@ -88,21 +96,25 @@ def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: i
     n = prompt.shape[1]  # positions 0..n-1 are in the target cache; x sits at position n
     # step-0 draft entries for positions 0..n-1: (target features at j, token j+1)
     tokens = torch.cat([prompt[:, 1:], torch.tensor([[x]], device=dev)], 1)
-    logits, g = draft.step(tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache)
+    logits, g = draft.step(
+        tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache
+    )
     while not _finish(out, eos, max_new)[1]:
         proposals, d_logits, h = [], logits[:, -1:], g[:, -1:]
         for i in range(k):
             d = int(d_logits.argmax(-1))
             proposals.append(d + int(d2t[d]))
             if i + 1 < k:  # the i-th guess sits at position n + i
-                d_logits, h = draft.step(torch.tensor([[proposals[-1]]], device=dev), h, torch.tensor([[n + i]], device=dev), dcache)
+                d_logits, h = draft.step(
+                    torch.tensor([[proposals[-1]]], device=dev), h, torch.tensor([[n + i]], device=dev), dcache
+                )
         verify = torch.tensor([[x] + proposals], device=dev)  # positions n..n+k
         hidden = target.model(input_ids=verify, past_key_values=cache, use_cache=True).last_hidden_state
         aux = hooks.take()
         best = target.lm_head(hidden[0]).argmax(-1).tolist()
         if forced is not None:  # past its end the target decides, as a server checks guesses past max_tokens
-            given = forced[len(out):len(out) + k + 1]
-            best = given + best[len(given):]
+            given = forced[len(out) : len(out) + k + 1]
+            best = given + best[len(given) :]
         a = 0
         while a < k and best[a] == proposals[a]:
             a += 1
@@ -112,8 +124,12 @@ def speculative(target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: i
         if a < k:
             cache.crop(a - k)  # drop the rejected proposals (negative: tokens to remove)
         dcache.crop(n)  # drop the chain; the verified positions n..n+a get step-0 entries
-        logits, g = draft.step(torch.tensor([new], device=dev), draft.fc(aux[:, : a + 1].to(draft.fc.weight.dtype)),
-                               torch.arange(n, n + a + 1, device=dev)[None], dcache)
+        logits, g = draft.step(
+            torch.tensor([new], device=dev),
+            draft.fc(aux[:, : a + 1].to(draft.fc.weight.dtype)),
+            torch.arange(n, n + a + 1, device=dev)[None],
+            dcache,
+        )
         n, x = n + a + 1, new[-1]
     tokens, _ = _finish(out, eos, max_new)
     return Generation(tokens, time.perf_counter() - start, accepted)
@@ -125,7 +141,9 @@ def summarize(accepted: list[int], k: int) -> dict:
     return {"rounds": rounds, "tau": round(tau, 4), "acceptance_per_position": [round(x, 4) for x in rates]}
 
 
-def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device, progress: str | None = None) -> dict:
+def evaluate(
+    target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device, progress: str | None = None
+) -> dict:
     """All prompts; with `progress` (a label), one line per prompt: several runs side by side stay readable."""
     ids = draft.config.eagle_aux_hidden_state_layer_ids
     hooks = AuxHooks(target, ids)
@@ -140,15 +158,26 @@ def evaluate(target, tokenizer, draft, prompts: list[dict], k: int, max_new: int
             by_script.setdefault(row["script"], []).extend(accepted)
             totals = [a + b for a, b in zip(totals, times)]
             if progress:
-                print(f"{progress}: prompt {i + 1}/{len(prompts)}, tau so far {summarize(all_accepted, k)['tau']:.2f}", flush=True)
+                print(
+                    f"{progress}: prompt {i + 1}/{len(prompts)}, tau so far {summarize(all_accepted, k)['tau']:.2f}",
+                    flush=True,
+                )
     finally:
         hooks.remove()
     spec_s, plain_s, spec_tok, plain_tok = totals
-    total = {**summarize(all_accepted, k), "identical": all(r["identical"] for r in rows),
-             "spec_tokens_per_s": round(spec_tok / spec_s, 2), "plain_tokens_per_s": round(plain_tok / plain_s, 2),
-             "speedup": round((spec_tok / spec_s) / (plain_tok / plain_s), 3), "prompts": len(rows), "k": k,
-             "by_script": {name: {"prompts": sum(r["script"] == name for r in rows), **summarize(acc, k)}
-                           for name, acc in sorted(by_script.items())}}
+    total = {
+        **summarize(all_accepted, k),
+        "identical": all(r["identical"] for r in rows),
+        "spec_tokens_per_s": round(spec_tok / spec_s, 2),
+        "plain_tokens_per_s": round(plain_tok / plain_s, 2),
+        "speedup": round((spec_tok / spec_s) / (plain_tok / plain_s), 3),
+        "prompts": len(rows),
+        "k": k,
+        "by_script": {
+            name: {"prompts": sum(r["script"] == name for r in rows), **summarize(acc, k)}
+            for name, acc in sorted(by_script.items())
+        },
+    }
     return {"total": total, "prompts": rows}
 
 
@@ -167,22 +196,35 @@ def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device
         spec_s, plain_s = spec_s + spec.seconds, plain_s + base.seconds
         spec_tok, plain_tok = spec_tok + len(spec.tokens), plain_tok + len(base.tokens)
         messages.append({"role": "assistant", "content": tokenizer.decode(base.tokens, skip_special_tokens=True)})
-    row = {"id": p["id"], "turns": len(p["turns"]), "script": writing_system(p["turns"][0]), **summarize(accepted, k),
-           "identical": identical}
+    row = {
+        "id": p["id"],
+        "turns": len(p["turns"]),
+        "script": writing_system(p["turns"][0]),
+        **summarize(accepted, k),
+        "identical": identical,
+    }
     return row, accepted, (spec_s, plain_s, spec_tok, plain_tok)
 
 
 def table(result: dict) -> str:
     t = result["total"]
     acc = " ".join(f"{x:.2f}" for x in t["acceptance_per_position"])
-    return "\n".join([
-        "| prompts | k | tau | acceptance per position | spec tok/s | plain tok/s | speed-up | lossless |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {t['prompts']} | {t['k']} | {t['tau']:.2f} | {acc} | {t['spec_tokens_per_s']:.1f} | "
-        f"{t['plain_tokens_per_s']:.1f} | {t['speedup']:.2f}x | {'yes' if t['identical'] else 'NO'} |",
-        "", "| prompts by script | tau | acceptance per position |", "|---|---|---|",
-        *[f"| {name} ({s['prompts']}) | {s['tau']:.2f} | {' '.join(f'{x:.2f}' for x in s['acceptance_per_position'])} |"
-          for name, s in t["by_script"].items()]])
+    return "\n".join(
+        [
+            "| prompts | k | tau | acceptance per position | spec tok/s | plain tok/s | speed-up | lossless |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {t['prompts']} | {t['k']} | {t['tau']:.2f} | {acc} | {t['spec_tokens_per_s']:.1f} | "
+            f"{t['plain_tokens_per_s']:.1f} | {t['speedup']:.2f}x | {'yes' if t['identical'] else 'NO'} |",
+            "",
+            "| prompts by script | tau | acceptance per position |",
+            "|---|---|---|",
+            *[
+                f"| {name} ({s['prompts']}) | {s['tau']:.2f} | "
+                f"{' '.join(f'{x:.2f}' for x in s['acceptance_per_position'])} |"
+                for name, s in t["by_script"].items()
+            ],
+        ]
+    )
 
 
 def draft_for(folder: Path, target, device, dtype):
@@ -190,7 +232,9 @@ def draft_for(folder: Path, target, device, dtype):
     draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
     cfg = json.loads((folder / "config.json").read_text())
     if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
-        draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang")
+        draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(
+            cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang"
+        )
     return draft
 
 
@@ -207,9 +251,19 @@ def main(argv=None) -> None:
     p.add_argument("--num-speculative-tokens", type=number(int, 1), default=3)
     p.add_argument("--num-prompts", type=number(int, 1), default=None)
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128)
-    p.add_argument("--max-turns", type=number(int, 1), default=None, help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)")
+    p.add_argument(
+        "--max-turns",
+        type=number(int, 1),
+        default=None,
+        help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on GPUs and AMX CPUs, else float32 (traineagle3/precision.py)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on GPUs and AMX CPUs, else float32 (traineagle3/precision.py)",
+    )
     p.add_argument("--out", default="eval.json")
     args = p.parse_args(argv)
     if args.temperature != 0:
@@ -224,8 +278,16 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     draft = draft_for(folder, target, device, dtype)
-    result = evaluate(target, tokenizer, draft, prompts, args.num_speculative_tokens, args.max_new_tokens, device,
-                      progress=Path(args.out).stem)
+    result = evaluate(
+        target,
+        tokenizer,
+        draft,
+        prompts,
+        args.num_speculative_tokens,
+        args.max_new_tokens,
+        device,
+        progress=Path(args.out).stem,
+    )
     result["args"] = vars(args)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))

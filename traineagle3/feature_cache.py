@@ -42,9 +42,18 @@ DTYPES = ("bfloat16", "float16", "float32")  # storage dtypes
 def cache_parts(data_key: str, target_path: str, target_dtype: str, aux_layers: list[int], vocab, dtype: str) -> dict:
     """Everything the cached features depend on."""
     draft_ids = hashlib.sha256(vocab.draft_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return {"format": FORMAT, "data": data_key, "target": target_fingerprint(target_path), "target_dtype": target_dtype,
-            "aux_layers": list(aux_layers), "vocab_size": vocab.vocab_size, "draft_ids": draft_ids, "dtype": dtype,
-            "shard_bytes": SHARD_BYTES, "shard_samples": SHARD_SAMPLES}
+    return {
+        "format": FORMAT,
+        "data": data_key,
+        "target": target_fingerprint(target_path),
+        "target_dtype": target_dtype,
+        "aux_layers": list(aux_layers),
+        "vocab_size": vocab.vocab_size,
+        "draft_ids": draft_ids,
+        "dtype": dtype,
+        "shard_bytes": SHARD_BYTES,
+        "shard_samples": SHARD_SAMPLES,
+    }
 
 
 def cache_folder(root: str | Path, parts: dict) -> Path:
@@ -87,9 +96,21 @@ def _write_shard(path: Path, samples: list[dict], extract, batch_size: int, pad_
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
 
 
-def build_shards(folder: Path, parts: dict, dataset, make_extractor, *, hidden_size: int, aux_size: int,
-                 batch_size: int = 1, pad_id: int = 0, device="cpu", rank: int = 0, world: int = 1,
-                 progress: bool = False) -> list[tuple[int, int]]:
+def build_shards(
+    folder: Path,
+    parts: dict,
+    dataset,
+    make_extractor,
+    *,
+    hidden_size: int,
+    aux_size: int,
+    batch_size: int = 1,
+    pad_id: int = 0,
+    device="cpu",
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = False,
+) -> list[tuple[int, int]]:
     """Compute this rank's missing shards (j % world == rank); return the whole shard plan.
 
     `make_extractor()` is called only when there is a shard to compute; it returns
@@ -102,11 +123,21 @@ def build_shards(folder: Path, parts: dict, dataset, make_extractor, *, hidden_s
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         extract = make_extractor()
-        with tqdm(total=sum(plan[j][1] - plan[j][0] for j in todo), desc="features", unit="sample", disable=not progress) as bar:
+        with tqdm(
+            total=sum(plan[j][1] - plan[j][0] for j in todo), desc="features", unit="sample", disable=not progress
+        ) as bar:
             for j in todo:
                 a, b = plan[j]
-                _write_shard(shard_path(folder, j), [dataset[i] for i in range(a, b)], extract, batch_size, pad_id,
-                             dtype, device, bar)
+                _write_shard(
+                    shard_path(folder, j),
+                    [dataset[i] for i in range(a, b)],
+                    extract,
+                    batch_size,
+                    pad_id,
+                    dtype,
+                    device,
+                    bar,
+                )
     return plan
 
 
@@ -114,13 +145,16 @@ def write_manifest(folder: Path, parts: dict, plan: list[tuple[int, int]]) -> No
     """Mark the cache complete; refuses while a shard is missing."""
     missing = [shard_path(folder, j).name for j in range(len(plan)) if not shard_path(folder, j).exists()]
     if missing:
-        raise FileNotFoundError(f"{folder}: shards {missing[:3]}... missing after all ranks finished; "
-                                "the cache folder must be on a file system that every rank shares")
+        raise FileNotFoundError(
+            f"{folder}: shards {missing[:3]}... missing after all ranks finished; "
+            "the cache folder must be on a file system that every rank shares"
+        )
     write_json_atomic(Path(folder) / MANIFEST, {"parts": parts, "shards": plan})
 
 
-def ensure_cache(folder: Path, parts: dict, dataset, make_extractor, *, rank: int = 0, world: int = 1,
-                 barrier=lambda: None, **build) -> FeatureCache:
+def ensure_cache(
+    folder: Path, parts: dict, dataset, make_extractor, *, rank: int = 0, world: int = 1, barrier=lambda: None, **build
+) -> FeatureCache:
     """The complete cache of `dataset` in `folder`, built first where it is not.
 
     Collective: every rank calls it; each computes its share of the missing shards
@@ -145,7 +179,9 @@ class FeatureCache:
         manifest = json.loads((self.folder / MANIFEST).read_text())
         if manifest["parts"] != parts:
             raise ValueError(f"{self.folder} was built for {manifest['parts']}, not {parts}")
-        self._files = [safe_open(str(shard_path(self.folder, j)), framework="pt") for j in range(len(manifest["shards"]))]
+        self._files = [
+            safe_open(str(shard_path(self.folder, j)), framework="pt") for j in range(len(manifest["shards"]))
+        ]
         self._where = {}  # sample id -> (shard, first token, end token)
         for j, (a, b) in enumerate(manifest["shards"]):
             offsets = self._files[j].get_tensor("offsets").tolist()
@@ -172,6 +208,11 @@ class FeatureCache:
                 out[r, : len(s[key])] = s[key]
             return out.to(device)
 
-        return {"input_ids": stack("input_ids", pad_id, torch.long), "loss_mask": stack("loss_mask", dtype=torch.long),
-                "attention_mask": (torch.arange(n)[None, :] < lengths[:, None]).long().to(device),
-                "aux_hidden": stack("aux"), "last_hidden": stack("last"), "teacher_ok": stack("teacher_ok")}
+        return {
+            "input_ids": stack("input_ids", pad_id, torch.long),
+            "loss_mask": stack("loss_mask", dtype=torch.long),
+            "attention_mask": (torch.arange(n)[None, :] < lengths[:, None]).long().to(device),
+            "aux_hidden": stack("aux"),
+            "last_hidden": stack("last"),
+            "teacher_ok": stack("teacher_ok"),
+        }

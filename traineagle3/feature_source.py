@@ -64,24 +64,54 @@ class OnlineFeatures:
         self.draft_head = self.features.draft_head
 
     def batch(self, batch_idx: list[int], split: str) -> tuple[dict[str, torch.Tensor], Features]:
-        batch = {k: v.to(self.device) for k, v in collate([self.datasets[split][i] for i in batch_idx], self.pad_id).items()}
+        batch = {
+            k: v.to(self.device) for k, v in collate([self.datasets[split][i] for i in batch_idx], self.pad_id).items()
+        }
         return batch, self.features(batch["input_ids"])
 
 
 class CachedFeatures:
     """The offline cache of each split; of the target only its embedding and output head in memory."""
 
-    def __init__(self, caches: dict[str, FeatureCache], embedding: torch.Tensor, draft_head: torch.Tensor,
-                 pad_id: int, device: torch.device):
-        self.caches, self.embedding, self.draft_head, self.pad_id, self.device = caches, embedding, draft_head, pad_id, device
+    def __init__(
+        self,
+        caches: dict[str, FeatureCache],
+        embedding: torch.Tensor,
+        draft_head: torch.Tensor,
+        pad_id: int,
+        device: torch.device,
+    ):
+        self.caches, self.embedding, self.draft_head, self.pad_id, self.device = (
+            caches,
+            embedding,
+            draft_head,
+            pad_id,
+            device,
+        )
 
     def batch(self, batch_idx: list[int], split: str) -> tuple[dict[str, torch.Tensor], Features]:
         batch = self.caches[split].batch(batch_idx, self.pad_id, self.device)
-        return batch, Features.from_last_hidden(batch["aux_hidden"], batch["last_hidden"], batch["teacher_ok"], self.draft_head)
+        return batch, Features.from_last_hidden(
+            batch["aux_hidden"], batch["last_hidden"], batch["teacher_ok"], self.draft_head
+        )
 
     @classmethod
-    def build(cls, target: Target, aux: list[int], vocab: VocabMap, datasets: dict, keys: dict[str, str], *,
-              root, dtype: str, batch_size: int, pad_id: int, rank: int, world: int, progress: bool) -> CachedFeatures:
+    def build(
+        cls,
+        target: Target,
+        aux: list[int],
+        vocab: VocabMap,
+        datasets: dict,
+        keys: dict[str, str],
+        *,
+        root,
+        dtype: str,
+        batch_size: int,
+        pad_id: int,
+        rank: int,
+        world: int,
+        progress: bool,
+    ) -> CachedFeatures:
         """Collective: the complete cache of each split's data under `root`, the missing shards
         computed first by all ranks (the target is loaded only if one is missing)."""
         tc, device = target.text_config, target.device
@@ -91,9 +121,20 @@ class CachedFeatures:
             if data_key not in by_key:
                 parts = cache_parts(data_key, target.path, target.dtype, aux, vocab, dtype)
                 by_key[data_key] = ensure_cache(
-                    cache_folder(root, parts), parts, datasets[split], lambda: TargetFeatures(target.load(), aux, vocab).hidden,
-                    hidden_size=tc.hidden_size, aux_size=len(aux) * tc.hidden_size, batch_size=batch_size, pad_id=pad_id,
-                    device=device, rank=rank, world=world, barrier=dist.barrier, progress=rank == 0 and progress)
+                    cache_folder(root, parts),
+                    parts,
+                    datasets[split],
+                    lambda: TargetFeatures(target.load(), aux, vocab).hidden,
+                    hidden_size=tc.hidden_size,
+                    aux_size=len(aux) * tc.hidden_size,
+                    batch_size=batch_size,
+                    pad_id=pad_id,
+                    device=device,
+                    rank=rank,
+                    world=world,
+                    barrier=dist.barrier,
+                    progress=rank == 0 and progress,
+                )
                 log.info("%s features from %s", split, by_key[data_key].folder)
             caches[split] = by_key[data_key]
         gc.collect()  # the target, if this rank computed features, is gone: free its memory

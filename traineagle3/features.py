@@ -39,8 +39,10 @@ class AuxHooks:
     def __init__(self, target, aux_layer_ids: list[int]):
         self.aux_layer_ids = list(aux_layer_ids)
         self._captured: dict[int, torch.Tensor] = {}
-        self._handles = [target.model.layers[i].register_forward_pre_hook(self._capture(i), with_kwargs=True)
-                         for i in sorted(set(self.aux_layer_ids))]
+        self._handles = [
+            target.model.layers[i].register_forward_pre_hook(self._capture(i), with_kwargs=True)
+            for i in sorted(set(self.aux_layer_ids))
+        ]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -49,6 +51,7 @@ class AuxHooks:
     def _capture(self, i: int):
         def hook(module, args, kwargs):
             self._captured[i] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     def take(self) -> torch.Tensor:

@@ -19,9 +19,11 @@ def download_dir(repo_id: str) -> str:
 
 def root_card(repo_id: str, engines: list[str], first_card: str) -> str:
     folders = ", ".join(f"`{e}/`" for e in engines)
-    return (f"This repository holds one folder per serving engine: {folders}, each with its own model card "
-            f"(README.md) and provenance.json. Download it with `hf download {repo_id} --local-dir "
-            f"{download_dir(repo_id)}`.\n\n{first_card}")
+    return (
+        f"This repository holds one folder per serving engine: {folders}, each with its own model card "
+        f"(README.md) and provenance.json. Download it with `hf download {repo_id} --local-dir "
+        f"{download_dir(repo_id)}`.\n\n{first_card}"
+    )
 
 
 def push(out: Path, engines: list[str], repo_id: str, private: bool) -> str:
@@ -30,9 +32,19 @@ def push(out: Path, engines: list[str], repo_id: str, private: bool) -> str:
 
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=str(out), allow_patterns=[f"{e}/*" for e in engines],
-                      repo_type="model", commit_message=f"EAGLE-3 draft: {', '.join(engines)} folders")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(out),
+        allow_patterns=[f"{e}/*" for e in engines],
+        repo_type="model",
+        commit_message=f"EAGLE-3 draft: {', '.join(engines)} folders",
+    )
     card = root_card(repo_id, engines, (out / engines[0] / "README.md").read_text())
-    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id, repo_type="model",
-                    commit_message="model card")
+    api.upload_file(
+        path_or_fileobj=card.encode(),
+        path_in_repo="README.md",
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="model card",
+    )
     return str(url)

@@ -28,8 +28,13 @@ def pick_kernel(q: torch.Tensor) -> str:
     """The fused kernel for q's device and dtype; 'blocked' (portable) otherwise."""
     if q.device.type == "cpu":
         return "cpu-flash"
-    if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+    if (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    ):
         return "cuda-flash"
     return "blocked"
 
@@ -45,6 +50,7 @@ def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 # ---- step 0: causal attention over the step-0 keys, with its log-sum-exp ----------------
 
+
 def causal_forward(kernel: str, q, k, v, scale: float):
     """(out, lse, state for backward); k/v may have fewer heads than q (GQA)."""
     if kernel == "cpu-flash":
@@ -52,7 +58,8 @@ def causal_forward(kernel: str, q, k, v, scale: float):
         return out, lse, ()
     if kernel == "cuda-flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=scale)
+            q, k, v, 0.0, True, False, scale=scale
+        )
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
     if kernel == "blocked":
         return (*_blocked_forward(q, k, v, scale), ())
@@ -63,11 +70,13 @@ def causal_backward(kernel: str, grad_out, q, k, v, out, lse, state, scale: floa
     """(dq, dk, dv) of the kernel's attention, for the given softmax normaliser `lse`."""
     if kernel == "cpu-flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, True, scale=scale)
+            grad_out, q, k, v, out, lse, 0.0, True, scale=scale
+        )
     if kernel == "cuda-flash":
         cum_q, cum_k, max_q, max_k, seed, offset = state
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
+        )
     return _blocked_backward(grad_out, q, k, v, out, lse, scale)
 
 
@@ -113,6 +122,7 @@ def _blocked_backward(grad_out, q, k, v, out, lse, scale: float):
 
 # ---- steps 1..k: one score per query, merged with step 0 by log-sum-exp ------------------
 
+
 def _diagonal_score(q, key, scale: float, ct) -> torch.Tensor:
     """s[b, h, t] = q[b, h, t] . key[b, kv(h), t] * scale, in fp32 (or wider)."""
     return (_grouped(q.to(ct), key.shape[1]) * key.to(ct)[:, :, None]).sum(-1).flatten(1, 2) * scale
@@ -145,7 +155,7 @@ class _MergedTTTAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, out, lse, *rest = ctx.saved_tensors
         n = ctx.n_steps
-        keys, values, tensors = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
+        keys, values, tensors = rest[:n], rest[n : 2 * n], iter(rest[2 * n :])
         state = [next(tensors) if is_t else s for s, is_t in zip(ctx.state, ctx.is_tensor)]
         dq, dk0, dv0 = causal_backward(ctx.kernel, grad_out, q, keys[0], values[0], out, lse, state, ctx.scale)
         dkeys, dvalues = [dk0], [dv0]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .tracking import scalars
 from .acceptance import decode_rounds, round_stats
+from .tracking import scalars
 
 
 class StepStats:
@@ -41,15 +41,24 @@ class StepStats:
     def summary(self, device="cpu") -> dict:
         import torch.distributed as dist
 
-        t = torch.cat([self.loss, self.correct, self.count, self.accepted, self.scored, self.rounds,
-                       torch.tensor([self.tokens], dtype=torch.float64)])
+        t = torch.cat(
+            [
+                self.loss,
+                self.correct,
+                self.count,
+                self.accepted,
+                self.scored,
+                self.rounds,
+                torch.tensor([self.tokens], dtype=torch.float64),
+            ]
+        )
         if dist.is_initialized():
             t = t.to(device)
             dist.all_reduce(t)  # sums over ranks
             t = t.cpu()
         n = len(self.loss)
-        loss, correct, count, accepted = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:4 * n]
-        scored, rounds, tokens = t[4 * n].clamp(min=1), t[4 * n + 1:5 * n + 2], t[5 * n + 2].item()
+        loss, correct, count, accepted = t[:n], t[n : 2 * n], t[2 * n : 3 * n], t[3 * n : 4 * n]
+        scored, rounds, tokens = t[4 * n].clamp(min=1), t[4 * n + 1 : 5 * n + 2], t[5 * n + 2].item()
         elapsed = time.perf_counter() - self.started
         decoded = {}
         if rounds.sum() > 0:  # answers replayed as greedy decoding: the served tau and rates at k = steps

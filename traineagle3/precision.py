@@ -39,7 +39,11 @@ def choose(device: str = "cpu", requested: str = "auto", flags: set[str] | None 
     if device != "cpu":
         return "bfloat16", f"{device}: bf16 tensor cores"
     if "amx_bf16" in (cpu_flags() if flags is None else flags):
-        return "bfloat16", "this CPU has AMX bf16 units (amx_bf16 in /proc/cpuinfo): bf16 matrix products run several times faster than float32"
+        return (
+            "bfloat16",
+            "this CPU has AMX bf16 units (amx_bf16 in /proc/cpuinfo): bf16 matrix products run several times "
+            "faster than float32",
+        )
     return "float32", "this CPU has no AMX bf16 units: bf16 matrix products would be emulated, slower than float32"
 
 

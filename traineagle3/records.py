@@ -15,9 +15,10 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .cli import UserError
 
@@ -221,8 +222,9 @@ def record_id(index: int, rid: Any) -> str:
     return f"record-{index}" if rid is None else str(rid)
 
 
-def iter_conversations(source: str, report: ReadReport, split: str = "train",
-                       limit: int | None = None) -> Iterator[tuple[int, Any, list[dict]]]:
+def iter_conversations(
+    source: str, report: ReadReport, split: str = "train", limit: int | None = None
+) -> Iterator[tuple[int, Any, list[dict]]]:
     """(record index, record's `id` or None, normalised conversation) of each usable record.
 
     Unusable records are counted in `report`; the count of a cut-off file is logged.
@@ -238,10 +240,14 @@ def iter_conversations(source: str, report: ReadReport, split: str = "train",
         report.kept += 1
         yield index, record.get("id"), conv
     if report.truncated_file:
-        log.warning("%s is cut off mid-record: read its %d complete records", source, report.kept + sum(report.skipped.values()))
+        log.warning(
+            "%s is cut off mid-record: read its %d complete records", source, report.kept + sum(report.skipped.values())
+        )
 
 
-def read_conversations(source: str, split: str = "train", limit: int | None = None) -> tuple[list[list[dict]], ReadReport]:
+def read_conversations(
+    source: str, split: str = "train", limit: int | None = None
+) -> tuple[list[list[dict]], ReadReport]:
     """All usable conversations of a source (at most `limit`) and the report of what was skipped."""
     report = ReadReport(source)
     convs = [conv for _, _, conv in iter_conversations(source, report, split, limit)]

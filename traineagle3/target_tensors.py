@@ -46,7 +46,9 @@ def embedding_and_head(folder: str | Path, config) -> tuple[torch.Tensor, torch.
     """(embed_tokens.weight, lm_head.weight); a tied head is the embedding."""
     embed = read_tensor(folder, "embed_tokens.weight")
     head = read_tensor(folder, "lm_head.weight")
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(
+        getattr(config, "text_config", None), "tie_word_embeddings", False
+    )
     if embed is None or (head is None and not tied):
         raise ValueError(f"{folder}: no {'embed_tokens' if embed is None else 'lm_head'}.weight in its safetensors")
     return embed, embed if head is None else head

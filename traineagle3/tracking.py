@@ -64,8 +64,9 @@ class Wandb:
     def __init__(self, out: Path, config: dict):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "eagle3-train"), dir=str(out),
-                              name=out.name, config=config)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "eagle3-train"), dir=str(out), name=out.name, config=config
+        )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

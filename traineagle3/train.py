@@ -70,23 +70,28 @@ def load_data(cfg: TrainConfig, target_path: str, cache: Path) -> TrainData:
         samples = (ids for batch in train_ds.iter(batch_size=1024) for ids in batch["input_ids"])
         train_idx, test_idx = split_train_test(samples, cfg.test_fraction, cfg.seed)
         key = f"{key}|{cfg.test_fraction}|{cfg.seed}"
-    return TrainData(pad_id, {"train": train_ds, "test": test_ds}, {"train": train_key, "test": test_key},
-                     train_idx, test_idx, key)
+    return TrainData(
+        pad_id, {"train": train_ds, "test": test_ds}, {"train": train_key, "test": test_key}, train_idx, test_idx, key
+    )
 
 
 def steps_per_epoch(cfg: TrainConfig, data: TrainData, micro: int, accum: int, world: int, ds_path: str) -> int:
     """Optimizer steps in an epoch; none is a user's mistake (too little data for one global batch)."""
     steps = len(data.train_idx) // (micro * accum * world)
     if steps == 0:
-        raise UserError(f"{cfg.train_data}: {len(data.train_idx)} training samples do not fill one global batch of "
-                        f"{micro * accum * world} (micro batch x accumulation x ranks of {ds_path})")
+        raise UserError(
+            f"{cfg.train_data}: {len(data.train_idx)} training samples do not fill one global batch of "
+            f"{micro * accum * world} (micro batch x accumulation x ranks of {ds_path})"
+        )
     return steps
 
 
 def target_dtype(cfg: TrainConfig, device: torch.device) -> str:
     """--target_dtype, or with auto what this hardware runs fastest without losing accuracy (precision.py)."""
     dtype, why = precision.choose(device.type, cfg.target_dtype)
-    log.info("target in %s (%s)%s", dtype, why, f"; feature cache in {cache_dtype(cfg, dtype)}" if cfg.feature_cache else "")
+    log.info(
+        "target in %s (%s)%s", dtype, why, f"; feature cache in {cache_dtype(cfg, dtype)}" if cfg.feature_cache else ""
+    )
     return dtype
 
 
@@ -105,35 +110,66 @@ def aux_layer_ids(cfg: TrainConfig, target: Target) -> list[int]:
 def build_vocab(cfg: TrainConfig, data: TrainData, target: Target, cache: Path) -> VocabMap:
     """The draft vocabulary: the most frequent trained tokens of the training samples (cached)."""
     ds, idx, vocab_size = data.datasets["train"], data.train_idx, target.text_config.vocab_size
-    return local_rank0_first(lambda: load_or_build(
-        cache, vocab_key(data.key, target.path, vocab_size, cfg.draft_vocab_size),
-        lambda: build_vocab_map((ds[i]["input_ids"] for i in idx), (ds[i]["loss_mask"] for i in idx),
-                                vocab_size, cfg.draft_vocab_size)))
+    return local_rank0_first(
+        lambda: load_or_build(
+            cache,
+            vocab_key(data.key, target.path, vocab_size, cfg.draft_vocab_size),
+            lambda: build_vocab_map(
+                (ds[i]["input_ids"] for i in idx), (ds[i]["loss_mask"] for i in idx), vocab_size, cfg.draft_vocab_size
+            ),
+        )
+    )
 
 
 def check_draft_config(cfg: TrainConfig, target: Target, vocab: VocabMap, aux: list[int], overrides: dict) -> None:
     """The draft config that --draft_config makes, refused before any target pass if the draft cannot be built."""
     tc = target.text_config
     if derive_draft_config(tc, vocab.draft_vocab_size, aux, overrides).hidden_size != tc.hidden_size:
-        raise UserError(f"{cfg.draft_config}: hidden_size must be the target's, {tc.hidden_size}: the draft shares its token embedding")
+        raise UserError(
+            f"{cfg.draft_config}: hidden_size must be the target's, {tc.hidden_size}: "
+            "the draft shares its token embedding"
+        )
 
 
-def feature_source(cfg: TrainConfig, target: Target, aux: list[int], vocab: VocabMap, data: TrainData, cache: Path,
-                   micro: int, rank: int, world: int) -> FeatureSource:
-    """Collective: the offline feature cache (filled first where incomplete) with --feature_cache, else the target online."""
+def feature_source(
+    cfg: TrainConfig,
+    target: Target,
+    aux: list[int],
+    vocab: VocabMap,
+    data: TrainData,
+    cache: Path,
+    micro: int,
+    rank: int,
+    world: int,
+) -> FeatureSource:
+    """Collective: with --feature_cache the offline cache (filled first where incomplete), else the target online."""
     if cfg.feature_cache:
-        return CachedFeatures.build(target, aux, vocab, data.datasets, data.keys, root=cache, dtype=cache_dtype(cfg, target.dtype),
-                                    batch_size=micro, pad_id=data.pad_id, rank=rank, world=world, progress=cfg.progress)
+        return CachedFeatures.build(
+            target,
+            aux,
+            vocab,
+            data.datasets,
+            data.keys,
+            root=cache,
+            dtype=cache_dtype(cfg, target.dtype),
+            batch_size=micro,
+            pad_id=data.pad_id,
+            rank=rank,
+            world=world,
+            progress=cfg.progress,
+        )
     return OnlineFeatures(target, aux, vocab, data.datasets, data.pad_id)
 
 
-def build_draft(cfg: TrainConfig, target: Target, vocab: VocabMap, aux: list[int], overrides: dict,
-                source: FeatureSource) -> Eagle3Draft:
+def build_draft(
+    cfg: TrainConfig, target: Target, vocab: VocabMap, aux: list[int], overrides: dict, source: FeatureSource
+) -> Eagle3Draft:
     """The draft as training starts it (--draft_init), seeded."""
     torch.manual_seed(cfg.seed)
     init = {"head_rows": source.draft_head, "final_norm": final_norm(target.path)} if cfg.draft_init == "target" else {}
-    return Eagle3Draft.from_target(target.text_config, vocab, aux, source.embedding, overrides=overrides,
-                                   init=cfg.draft_init, **init)
+    return Eagle3Draft.from_target(
+        target.text_config, vocab, aux, source.embedding, overrides=overrides, init=cfg.draft_init, **init
+    )
 
 
 def fill_schedule(ds: dict, total_steps: int) -> dict:
@@ -152,21 +188,40 @@ def build_engine(draft: Eagle3Draft, ds: dict, target_dtype: str):
     A bf16 section left "auto" trains the draft in the target's precision.
     """
     precision.fill_deepspeed(ds, target_dtype)
-    engine, *_ = deepspeed.initialize(model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds)
-    log.info("draft trains in %s (the DeepSpeed config's bf16/fp16)", "bfloat16" if engine.bfloat16_enabled()
-             else "float16" if engine.fp16_enabled() else "float32")
+    engine, *_ = deepspeed.initialize(
+        model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds
+    )
+    log.info(
+        "draft trains in %s (the DeepSpeed config's bf16/fp16)",
+        "bfloat16" if engine.bfloat16_enabled() else "float16" if engine.fp16_enabled() else "float32",
+    )
     return engine
 
 
 class Trainer:
     """One rank's loop: epochs of training steps, the test split after each, checkpoints, resume."""
 
-    def __init__(self, cfg: TrainConfig, engine, source: FeatureSource, data: TrainData, draft_config, *,
-                 micro: int, accum: int, rank: int, world: int, device: torch.device, total_steps: int):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        engine,
+        source: FeatureSource,
+        data: TrainData,
+        draft_config,
+        *,
+        micro: int,
+        accum: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+        total_steps: int,
+    ):
         self.cfg, self.engine, self.source, self.data, self.draft_config = cfg, engine, source, data, draft_config
         self.micro, self.accum, self.rank, self.world, self.device = micro, accum, rank, world, device
         self.total_steps, self.out = total_steps, Path(cfg.output_dir)
-        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+        self.dtype = (
+            torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+        )
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0}
 
     def start(self, ds: dict) -> None:
@@ -179,13 +234,21 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "train_config.json", to_dict(cfg))
             write_json_atomic(self.out / "ds_config.json", ds)  # the recipe's other half, for the model card
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.rank == 0,
-                                  tracking.open_tracker(cfg.report_to, self.out, to_dict(cfg)) if self.rank == 0 else None)
+        self.metrics = MetricsLog(
+            self.out / "metrics.jsonl",
+            self.rank == 0,
+            tracking.open_tracker(cfg.report_to, self.out, to_dict(cfg)) if self.rank == 0 else None,
+        )
 
     def fit(self) -> None:
         """The epochs left: each trained to its end (or to max_steps), then scored on the test split and saved."""
-        self.bar = tqdm(total=self.total_steps, initial=self.state["global_step"],
-                        disable=self.rank != 0 or not self.cfg.progress, desc="train", unit="step")
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.state["global_step"],
+            disable=self.rank != 0 or not self.cfg.progress,
+            desc="train",
+            unit="step",
+        )
         self.stats = StepStats(self.cfg.ttt_steps)
         self.done = self.state["global_step"] >= self.total_steps
         for epoch in range(self.state["epoch"], self.cfg.epochs):
@@ -204,9 +267,22 @@ class Trainer:
         batch, f = self.source.batch(batch_idx, split)
         # the test split always scores the answers: what serving drafts
         loss_mask = batch["attention_mask"] if cfg.train_on == "all" and split == "train" else batch["loss_mask"]
-        aux_hidden = add_feature_noise(f.aux_hidden, cfg.feature_noise) if cfg.feature_noise and split == "train" else f.aux_hidden
-        result = self.engine(aux_hidden.to(self.dtype), batch["input_ids"], loss_mask, f.teacher, f.teacher_ok,
-                             cfg.ttt_steps, cfg.ttt_decay, cfg.loss_type, cfg.ttt_impl)
+        aux_hidden = (
+            add_feature_noise(f.aux_hidden, cfg.feature_noise)
+            if cfg.feature_noise and split == "train"
+            else f.aux_hidden
+        )
+        result = self.engine(
+            aux_hidden.to(self.dtype),
+            batch["input_ids"],
+            loss_mask,
+            f.teacher,
+            f.teacher_ok,
+            cfg.ttt_steps,
+            cfg.ttt_decay,
+            cfg.loss_type,
+            cfg.ttt_impl,
+        )
         return result, int(batch["attention_mask"].sum()), loss_mask
 
     def train_epoch(self, epoch: int) -> tuple[dict, float]:
@@ -241,27 +317,40 @@ class Trainer:
         if self.state["global_step"] % self.cfg.log_every == 0 or self.done:
             summary = self.stats.summary(self.device)
             self.bar.set_postfix(loss=summary["loss"][0], acc0=summary["acc"][0])
-            self.metrics.write(step=self.state["global_step"], epoch=epoch, split="train",
-                               lr=self.engine.get_lr()[0], **summary, **peak_memory(self.device))
+            self.metrics.write(
+                step=self.state["global_step"],
+                epoch=epoch,
+                split="train",
+                lr=self.engine.get_lr()[0],
+                **summary,
+                **peak_memory(self.device),
+            )
             self.stats = StepStats(self.cfg.ttt_steps)
 
     def evaluate(self, epoch: float) -> None:
         """The test split, each rank a share: losses, accuracies and greedy decoding of its answers replayed."""
         cfg, test_idx = self.cfg, self.data.test_idx
         per_rank = len(test_idx) // self.world
-        mine = test_idx[self.rank::self.world][:per_rank]
+        mine = test_idx[self.rank :: self.world][:per_rank]
         stats = StepStats(cfg.ttt_steps)
         with torch.no_grad():
             for i in range(0, per_rank, self.micro):
-                result, tokens, answers = self.run(mine[i:i + self.micro], "test")
+                result, tokens, answers = self.run(mine[i : i + self.micro], "test")
                 stats.add(result, tokens, answers=answers)
         summary = stats.summary(self.device)
         self.metrics.write(step=self.state["global_step"], epoch=epoch, split="test", **summary)
         if "tau" in summary:
-            log.info("test after epoch %.2f: tau %.3f (acceptance per position %s), greedy decoding of the answers "
-                     "of %d samples replayed (%d rounds, k=%d); %.0f%% of their tokens in the draft vocabulary", epoch,
-                     summary["tau"], " ".join(f"{a:.3f}" for a in summary["round_acceptance"]), per_rank * self.world,
-                     summary["rounds"], cfg.ttt_steps, 100 * summary["in_draft_vocab"])
+            log.info(
+                "test after epoch %.2f: tau %.3f (acceptance per position %s), greedy decoding of the answers "
+                "of %d samples replayed (%d rounds, k=%d); %.0f%% of their tokens in the draft vocabulary",
+                epoch,
+                summary["tau"],
+                " ".join(f"{a:.3f}" for a in summary["round_acceptance"]),
+                per_rank * self.world,
+                summary["rounds"],
+                cfg.ttt_steps,
+                100 * summary["in_draft_vocab"],
+            )
 
     def save(self, **position) -> None:
         """Collective: a checkpoint of the engine and a serving folder, resuming at `position`."""

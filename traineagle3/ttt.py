@@ -94,8 +94,18 @@ class TTTResult:
     run: torch.Tensor  # [B, L-2]: from position t, how many steps in a row are right (0..steps)
 
 
-def ttt_unroll(draft, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps: int = 7,
-               decay: float = 0.8, loss_type: str = "soft", impl: str = "efficient") -> TTTResult:
+def ttt_unroll(
+    draft,
+    aux_hidden,
+    input_ids,
+    loss_mask,
+    teacher,
+    teacher_ok,
+    steps: int = 7,
+    decay: float = 0.8,
+    loss_type: str = "soft",
+    impl: str = "efficient",
+) -> TTTResult:
     """Run `steps` TTT steps of `draft` and return the losses and accuracies.
 
     aux_hidden [B, L, 3H] fused-layer features; teacher [B, L, V_draft] target logits

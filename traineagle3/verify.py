@@ -53,8 +53,11 @@ TOLERANCE = 0.03
 # greedy choice: about two bf16 steps at logit sizes of 16-32; float32 kernels differ in the
 # last bits only.  The offline target's own logits carry this rounding too.
 NEAR_TIE = {"bfloat16": 0.25, "float16": 0.05, "float32": 0.01}
-METRIC = re.compile(r'^vllm:(spec_decode_num_drafts|spec_decode_num_accepted_tokens_per_pos|request_success)_total'
-                    r'\{([^}]*)\}\s+([0-9.e+]+)$', re.M)
+METRIC = re.compile(
+    r"^vllm:(spec_decode_num_drafts|spec_decode_num_accepted_tokens_per_pos|request_success)_total"
+    r"\{([^}]*)\}\s+([0-9.e+]+)$",
+    re.M,
+)
 
 
 class Server:
@@ -71,8 +74,13 @@ class Server:
         return self.http.post(f"{self.root}/tokenize", json=body).raise_for_status().json()["tokens"]
 
     def greedy(self, messages: list[dict], max_tokens: int) -> list[int]:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                "return_token_ids": True}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
         r = self.http.post(f"{self.root}/v1/chat/completions", json=body).raise_for_status().json()
         return r["choices"][0]["token_ids"]
 
@@ -109,15 +117,31 @@ def launched(target: str, draft: Path | None, k: int, max_model_len: int, log_di
     env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir))
     serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
     try:
-        subprocess.run([*serve, *eagle, "--target", target, "--served-name", "verify", "--port", str(port),
-                        "--max-model-len", str(max_model_len), "--dtype", dtype], env=env, check=True)
+        subprocess.run(
+            [
+                *serve,
+                *eagle,
+                "--target",
+                target,
+                "--served-name",
+                "verify",
+                "--port",
+                str(port),
+                "--max-model-len",
+                str(max_model_len),
+                "--dtype",
+                dtype,
+            ],
+            env=env,
+            check=True,
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         subprocess.run([*serve, *eagle[:1], "--stop"], env=env, check=False)
 
 
 def around(tokenizer, ids: list[int], i: int) -> str:
-    return repr(tokenizer.decode(ids[max(i - 8, 0):i])) + " | " + repr(tokenizer.decode(ids[i:i + 8]))
+    return repr(tokenizer.decode(ids[max(i - 8, 0) : i])) + " | " + repr(tokenizer.decode(ids[i : i + 8]))
 
 
 def template_check(tokenizer, served: list[int], trained: list[int]) -> str | None:
@@ -125,8 +149,7 @@ def template_check(tokenizer, served: list[int], trained: list[int]) -> str | No
     if served == trained:
         return None
     i = next((j for j, (a, b) in enumerate(zip(served, trained)) if a != b), min(len(served), len(trained)))
-    return (f"token {i} differs: served {around(tokenizer, served, i)}; "
-            f"trained {around(tokenizer, trained, i)}")
+    return f"token {i} differs: served {around(tokenizer, served, i)}; trained {around(tokenizer, trained, i)}"
 
 
 def mask_dump(tokenizer, ids: list[int], mask: list[int]) -> str:
@@ -166,9 +189,14 @@ class Verifier:
     def config(self) -> bool:
         limit = self.served_config["max_position_embeddings"]
         served = self.eagle.max_model_len
-        self.check("config", None if served is None or limit >= served else
-                   f"the draft's max_position_embeddings {limit} is below the server's max_model_len {served}: "
-                   "positions past it get RoPE the draft never saw", f"max_position_embeddings {limit} >= {served}")
+        self.check(
+            "config",
+            None
+            if served is None or limit >= served
+            else f"the draft's max_position_embeddings {limit} is below the server's max_model_len {served}: "
+            "positions past it get RoPE the draft never saw",
+            f"max_position_embeddings {limit} >= {served}",
+        )
         return limit >= (served or 0)
 
     def run_prompts(self, prompts: list[dict]) -> list[dict]:
@@ -184,13 +212,23 @@ class Verifier:
             after = self.eagle.spec_counts(finished + 1)
             plain = self.base.greedy(messages, self.args.max_tokens)
             answer = self.tokenizer.decode(out, skip_special_tokens=True)
-            ids, mask = tokenize_conversation(self.tokenizer, messages + [{"role": "assistant", "content": answer}], special)
+            ids, mask = tokenize_conversation(
+                self.tokenizer, messages + [{"role": "assistant", "content": answer}], special
+            )
             first = mask.index(1) if 1 in mask else len(ids)
-            rows.append({"id": p["id"], "script": writing_system(p["turns"][0]), "prompt_ids": prompt_ids,
-                         "trained_prompt_ids": ids[:first], "output": out, "plain_output": plain,
-                         "drafts": after[0] - before[0],
-                         "accepted": [after[1].get(i, 0) - before[1].get(i, 0) for i in range(self.args.k)],
-                         "sample": (ids, mask)})
+            rows.append(
+                {
+                    "id": p["id"],
+                    "script": writing_system(p["turns"][0]),
+                    "prompt_ids": prompt_ids,
+                    "trained_prompt_ids": ids[:first],
+                    "output": out,
+                    "plain_output": plain,
+                    "drafts": after[0] - before[0],
+                    "accepted": [after[1].get(i, 0) - before[1].get(i, 0) for i in range(self.args.k)],
+                    "sample": (ids, mask),
+                }
+            )
         return rows
 
     def offline(self, rows: list[dict]) -> None:
@@ -202,8 +240,16 @@ class Verifier:
         eos = _eos_ids(self.target, self.tokenizer)
         try:
             for r in rows:
-                gen = speculative(self.target, hooks, self.draft, torch.tensor([r["prompt_ids"]]), len(r["output"]),
-                                  self.args.k, eos, forced=r["output"])
+                gen = speculative(
+                    self.target,
+                    hooks,
+                    self.draft,
+                    torch.tensor([r["prompt_ids"]]),
+                    len(r["output"]),
+                    self.args.k,
+                    eos,
+                    forced=r["output"],
+                )
                 r["offline_accepted"] = gen.accepted
         finally:
             hooks.remove()
@@ -211,23 +257,36 @@ class Verifier:
     def acceptance(self, rows: list[dict]) -> None:
         self.offline(rows)
         total = self.summary(rows)
-        table = {name: self.summary([r for r in rows if r["script"] == name]) for name in sorted({r["script"] for r in rows})}
+        table = {
+            name: self.summary([r for r in rows if r["script"] == name]) for name in sorted({r["script"] for r in rows})
+        }
         self.report["acceptance"] = {"total": total, "by_script": table, "tolerance": self.args.tolerance}
         print("| prompts | served tau | served acceptance | offline tau | offline acceptance |\n|---|---|---|---|---|")
         for name, s in [("all", total), *table.items()]:
-            print(f"| {name} ({s['prompts']}) | {s['served_tau']:.3f} | {' '.join(f'{x:.3f}' for x in s['served'])} | "
-                  f"{s['offline_tau']:.3f} | {' '.join(f'{x:.3f}' for x in s['offline'])} |")
-        self.check("acceptance", compare_acceptance(total["served"], total["offline"], self.args.tolerance),
-                   f"served tau {total['served_tau']:.3f} vs offline {total['offline_tau']:.3f}, every position "
-                   f"within {self.args.tolerance}")
+            print(
+                f"| {name} ({s['prompts']}) | {s['served_tau']:.3f} | {' '.join(f'{x:.3f}' for x in s['served'])} | "
+                f"{s['offline_tau']:.3f} | {' '.join(f'{x:.3f}' for x in s['offline'])} |"
+            )
+        self.check(
+            "acceptance",
+            compare_acceptance(total["served"], total["offline"], self.args.tolerance),
+            f"served tau {total['served_tau']:.3f} vs offline {total['offline_tau']:.3f}, every position "
+            f"within {self.args.tolerance}",
+        )
 
     def summary(self, rows: list[dict]) -> dict:
         """Served and offline acceptance of `rows` together: served from the summed counts."""
         drafts = sum(r["drafts"] for r in rows)
         served = [sum(r["accepted"][i] for r in rows) / drafts if drafts else 0.0 for i in range(self.args.k)]
         off = summarize([a for r in rows for a in r["offline_accepted"]], self.args.k)
-        return {"prompts": len(rows), "drafts": drafts, "served": served, "served_tau": 1 + sum(served),
-                "offline": off["acceptance_per_position"], "offline_tau": off["tau"]}
+        return {
+            "prompts": len(rows),
+            "drafts": drafts,
+            "served": served,
+            "served_tau": 1 + sum(served),
+            "offline": off["acceptance_per_position"],
+            "offline_tau": off["tau"],
+        }
 
     def run(self, prompts: list[dict]) -> None:
         if not self.config():
@@ -235,12 +294,18 @@ class Verifier:
         rows = self.run_prompts(prompts)
         bad = [(r["id"], template_check(self.tokenizer, r["prompt_ids"], r["trained_prompt_ids"])) for r in rows]
         bad = [(i, p) for i, p in bad if p]
-        self.check("template", f"prompt {bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(rows)} prompts differ)" if bad else None,
-                   f"{len(rows)} prompts tokenised by the server as training renders them")
+        self.check(
+            "template",
+            f"prompt {bad[0][0]}: {bad[0][1]} ({len(bad)} of {len(rows)} prompts differ)" if bad else None,
+            f"{len(rows)} prompts tokenised by the server as training renders them",
+        )
         ids, mask = rows[0]["sample"]
         print(f"loss mask of one training sample ([[trained]]):\n{mask_dump(self.tokenizer, ids, mask)}")
-        self.check("mask", None if 0 < sum(mask) < len(mask) else f"{sum(mask)} of {len(mask)} tokens trained",
-                   f"{sum(mask)} of {len(mask)} tokens trained")
+        self.check(
+            "mask",
+            None if 0 < sum(mask) < len(mask) else f"{sum(mask)} of {len(mask)} tokens trained",
+            f"{sum(mask)} of {len(mask)} tokens trained",
+        )
         problem, ok_line, near_ties = greedy_check(self.target, rows, NEAR_TIE[self.args.dtype])
         self.check("greedy", problem, ok_line)
         self.report["checks"]["greedy"]["near_ties"] = near_ties
@@ -252,7 +317,7 @@ def greedy_gaps(target, prompt_ids: list[int], output: list[int]) -> list[float]
     """Per output token, how far (in logits) it trails the target's top token after the same
     prefix: 0 where it is the greedy choice.  One target pass over prompt + output."""
     with torch.no_grad():
-        logits = target(torch.tensor([prompt_ids + output])).logits[0, len(prompt_ids) - 1:-1].float()
+        logits = target(torch.tensor([prompt_ids + output])).logits[0, len(prompt_ids) - 1 : -1].float()
     chosen = logits.gather(-1, torch.tensor(output)[:, None])[:, 0]
     return (logits.max(-1).values - chosen).tolist()
 
@@ -268,18 +333,30 @@ def greedy_check(target, rows: list[dict], tolerance: float) -> tuple[str | None
     if not differ:
         return None, f"{len(rows)} outputs identical to plain greedy, token for token", 0
     for r in differ:
-        r["greedy_gaps"] = gaps = greedy_gaps(target, r["prompt_ids"], r["output"])
-        r["first_difference"] = next((i for i, (a, b) in enumerate(zip(r["output"], r["plain_output"])) if a != b),
-                                     min(len(r["output"]), len(r["plain_output"])))
+        r["greedy_gaps"] = greedy_gaps(target, r["prompt_ids"], r["output"])
+        r["first_difference"] = next(
+            (i for i, (a, b) in enumerate(zip(r["output"], r["plain_output"])) if a != b),
+            min(len(r["output"]), len(r["plain_output"])),
+        )
     worst = max(differ, key=lambda r: max(r["greedy_gaps"]))
     gap = max(worst["greedy_gaps"])
     at = worst["greedy_gaps"].index(gap)
     if gap > tolerance:
-        return (f"{len(differ)} of {len(rows)} outputs differ from plain greedy; prompt {worst['id']}'s output token "
-                f"{at} trails the target's greedy choice by {gap:.3f} logits (a near-tie is <= {tolerance})", "", 0)
-    return None, (f"{len(rows) - len(differ)} of {len(rows)} outputs identical to plain greedy; {len(differ)} part "
-                  f"at a near-tie (first at token {min(r['first_difference'] for r in differ)}), every served token "
-                  f"within {gap:.3f} logits of the target's greedy choice (<= {tolerance})"), len(differ)
+        return (
+            f"{len(differ)} of {len(rows)} outputs differ from plain greedy; prompt {worst['id']}'s output token "
+            f"{at} trails the target's greedy choice by {gap:.3f} logits (a near-tie is <= {tolerance})",
+            "",
+            0,
+        )
+    return (
+        None,
+        (
+            f"{len(rows) - len(differ)} of {len(rows)} outputs identical to plain greedy; {len(differ)} part "
+            f"at a near-tie (first at token {min(r['first_difference'] for r in differ)}), every served token "
+            f"within {gap:.3f} logits of the target's greedy choice (<= {tolerance})"
+        ),
+        len(differ),
+    )
 
 
 def parse_args(argv=None):
@@ -298,9 +375,13 @@ def parse_args(argv=None):
     g.add_argument("--base-url", help="the EAGLE-3 server (then --baseline-url is the plain one)")
     p.add_argument("--baseline-url")
     p.add_argument("--max-model-len", type=number(int, 16), default=2048, help="with --launch")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="the servers' dtype, which the offline side runs in too; auto: bfloat16 on a CPU with AMX "
-                        "bf16 units, else float32, as benchmark/vllm/serve.sh chooses (traineagle3/precision.py)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="the servers' dtype, which the offline side runs in too; auto: bfloat16 on a CPU with AMX "
+        "bf16 units, else float32, as benchmark/vllm/serve.sh chooses (traineagle3/precision.py)",
+    )
     p.add_argument("--out", default="verify.json")
     args = p.parse_args(argv)
     if args.base_url and not args.baseline_url:
@@ -331,14 +412,25 @@ def main(argv=None) -> int:
             logs = Path(args.out).resolve().parent / "verify-serve"
             args.baseline_url = stack.enter_context(launched(path, None, args.k, args.max_model_len, logs, args.dtype))
             args.base_url = stack.enter_context(launched(path, served, args.k, args.max_model_len, logs, args.dtype))
-        verifier = Verifier(args, tokenizer, target, draft, json.loads((served / "config.json").read_text()),
-                            base=Server(args.baseline_url), eagle=Server(args.base_url))
+        verifier = Verifier(
+            args,
+            tokenizer,
+            target,
+            draft,
+            json.loads((served / "config.json").read_text()),
+            base=Server(args.baseline_url),
+            eagle=Server(args.base_url),
+        )
         verifier.run(prompts)
-    Path(args.out).write_text(json.dumps({**verifier.report, "failures": verifier.failures, "args": vars(args)}, indent=1))
+    Path(args.out).write_text(
+        json.dumps({**verifier.report, "failures": verifier.failures, "args": vars(args)}, indent=1)
+    )
     for line in verifier.failures:
         print(f"verify failed: {line}")
-    print(f"{'all checks passed' if not verifier.failures else f'{len(verifier.failures)} check(s) failed'}; "
-          f"report: {args.out}")
+    print(
+        f"{'all checks passed' if not verifier.failures else f'{len(verifier.failures)} check(s) failed'}; "
+        f"report: {args.out}"
+    )
     return 1 if verifier.failures else 0
 
 

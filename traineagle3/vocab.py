@@ -48,8 +48,9 @@ class VocabMap:
         return draft_ids + self.d2t.to(draft_ids.device)[draft_ids]
 
 
-def build_vocab_map(token_lists: Iterable[list[int]], mask_lists: Iterable[list[int]],
-                    vocab_size: int, draft_vocab_size: int) -> VocabMap:
+def build_vocab_map(
+    token_lists: Iterable[list[int]], mask_lists: Iterable[list[int]], vocab_size: int, draft_vocab_size: int
+) -> VocabMap:
     """Top `draft_vocab_size` tokens by trainable-token frequency; ties go to the lower id.
 
     If the data has fewer distinct tokens, the rest is filled with the lowest unused

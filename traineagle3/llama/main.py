@@ -29,8 +29,19 @@ from traineagle3.distributed import init_distributed, local_rank0_first
 from traineagle3.draft import load_overrides
 from traineagle3.feature_source import Target
 from traineagle3.records import source_path
-from traineagle3.train import (Trainer, aux_layer_ids, build_draft, build_engine, build_vocab, check_draft_config,
-                               feature_source, fill_schedule, load_data, steps_per_epoch, target_dtype)
+from traineagle3.train import (
+    Trainer,
+    aux_layer_ids,
+    build_draft,
+    build_engine,
+    build_vocab,
+    check_draft_config,
+    feature_source,
+    fill_schedule,
+    load_data,
+    steps_per_epoch,
+    target_dtype,
+)
 
 log = logging.getLogger("traineagle3")
 
@@ -79,7 +90,9 @@ def main(argv=None) -> None:
             source_path(source)
     overrides = load_overrides(cfg.draft_config)
     rank, world, device = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     log.info("%d rank(s) on %s, %d CPU threads each (OMP_NUM_THREADS)", world, device, torch.get_num_threads())
     cache = Path(cfg.cache_dir or cache_root())
 
@@ -101,8 +114,19 @@ def main(argv=None) -> None:
     total_steps = min(cfg.epochs * epoch_steps, cfg.max_steps or 1 << 62)
     engine = build_engine(draft, ds, target.dtype)
 
-    trainer = Trainer(cfg, engine, source, data, draft.config, micro=micro, accum=accum, rank=rank, world=world,
-                      device=device, total_steps=total_steps)
+    trainer = Trainer(
+        cfg,
+        engine,
+        source,
+        data,
+        draft.config,
+        micro=micro,
+        accum=accum,
+        rank=rank,
+        world=world,
+        device=device,
+        total_steps=total_steps,
+    )
     trainer.start(ds)  # resume, write the run's configs, open the metrics
     trainer.fit()
     trainer.finish()
