@@ -94,8 +94,9 @@ def run_env() -> dict:
     return env
 
 
-def export_random_draft(target: Path, out: Path) -> dict:
-    """A random-weight EAGLE-3 draft for `target` (draft vocab 4000), exported for both engines."""
+def export_random_draft(target: Path, out: Path, aux: list[int] | None = None) -> dict:
+    """A random-weight EAGLE-3 draft for `target` (draft vocab 4000), exported for both engines;
+    `aux`: its aux layer ids (default vLLM's)."""
     from transformers import AutoConfig
 
     from traineagle3.checkpoint import save_draft_folder
@@ -106,6 +107,6 @@ def export_random_draft(target: Path, out: Path) -> dict:
     tcfg = AutoConfig.from_pretrained(target)
     vm = VocabMap(torch.arange(0, 4000), tcfg.vocab_size)
     torch.manual_seed(0)
-    draft = Eagle3Draft.from_target(tcfg, vm, default_aux_layers(tcfg.num_hidden_layers))
+    draft = Eagle3Draft.from_target(tcfg, vm, aux or default_aux_layers(tcfg.num_hidden_layers))
     save_draft_folder(draft.state_dict(), draft.config, out / "trained")
     return {engine: export(out / "trained", str(target), engine, out / engine) for engine in ("vllm", "sglang")}

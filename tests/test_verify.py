@@ -4,6 +4,9 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -18,10 +21,13 @@ MT_BENCH = ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"
 PROMPTS, TOKENS = 3, 24
 
 
-def overfit_draft(target_path, out, steps: int = 100, options: dict | None = None):
+def overfit_draft(
+    target_path, out, steps=100, options: dict | None = None, engine="vllm", aux: list[int] | None = None
+):
     """A draft trained on the target's own greedy answers to the test's prompts, so that it is
     accepted often there: a wrong aux layer (or option) then shows as a real drop in acceptance.
-    `options`: draft config overrides (the EAGLE-3.1 options)."""
+    `options`: draft config overrides (the EAGLE-3.1 options); `aux`: vLLM-numbered aux layer ids (default
+    vLLM's); returns the `engine` export."""
     from traineagle3.checkpoint import save_draft_folder
     from traineagle3.draft import Eagle3Draft, default_aux_layers
     from traineagle3.evaluate import _eos_ids, greedy
@@ -41,7 +47,7 @@ def overfit_draft(target_path, out, steps: int = 100, options: dict | None = Non
         prompt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         answer = greedy(target, prompt, TOKENS, _eos_ids(target, tok)).tokens
         samples.append(torch.cat([prompt, torch.tensor([answer])], 1))
-    aux = default_aux_layers(target.config.num_hidden_layers)
+    aux = aux or default_aux_layers(target.config.num_hidden_layers)
     vocab = build_vocab_map(
         [s[0].tolist() for s in samples], [[1] * s.shape[1] for s in samples], target.config.vocab_size, 4000
     )
@@ -66,7 +72,7 @@ def overfit_draft(target_path, out, steps: int = 100, options: dict | None = Non
             loss.backward()
             opt.step()
     save_draft_folder(draft.state_dict(), draft.config, out / "trained")
-    return export(out / "trained", str(target_path), "vllm", out / "vllm")
+    return export(out / "trained", str(target_path), engine, out / engine)
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +273,157 @@ def test_greedy_passes_an_output_that_differs_at_a_near_tie_only_and_fails_one_t
         target, [dict(row, output=plain[:j] + [worst] + plain[j + 1 :])], verify.NEAR_TIE["bfloat16"]
     )
     assert problem is not None and f"token {j} trails" in problem
+
+
+# --engine sglang against a stand-in SGLang server (SGLang runs on GPUs only): the endpoints and
+# fields verify reads from SGLang 0.5.18, backed by the tiny target and the project's own decoders.
+
+
+@contextmanager
+def sglang_standin(target_path, draft=None, k: int = 3, topk: int = 1, system: str | None = None, fewer: int = 0):
+    """A server answering as SGLang does: /v1/models, /server_info, /tokenize (the chat template
+    with the generation prompt; `system` prepended if given) and /generate of input_ids, plain
+    greedy, or with `draft` EAGLE-3 chain drafting whose rounds come back as meta_info's
+    spec_verify_ct and spec_correct_drafts_histogram (`fewer`: each round reports that many
+    fewer accepted drafts)."""
+    from traineagle3.evaluate import _eos_ids, draft_for, greedy, speculative
+    from traineagle3.features import AuxHooks
+
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(target_path)
+    eos, served = _eos_ids(target, tok), draft_for(draft, target, "cpu", torch.float32) if draft else None
+    info = {"speculative_algorithm": "EAGLE3" if draft else None, "speculative_eagle_topk": topk}
+    info |= {"speculative_num_steps": k, "speculative_num_draft_tokens": k + 1 if topk == 1 else 4 * k}
+
+    def answer(path: str, body: dict | None) -> dict:
+        if path in ("/v1/models", "/server_info"):
+            return {"data": [{"id": "verify", "max_model_len": 2048}]} if path == "/v1/models" else info
+        if path == "/tokenize":
+            chat = [{"role": "system", "content": system}] if system else []
+            text = tok.apply_chat_template(chat + body["messages"], tokenize=False, add_generation_prompt=True)
+            return {"tokens": tok(text, add_special_tokens=False)["input_ids"]}
+        prompt, n = torch.tensor([body["input_ids"]]), body["sampling_params"]["max_new_tokens"]
+        if served is None:
+            return {"output_ids": greedy(target, prompt, n, eos).tokens, "meta_info": {}}
+        hooks = AuxHooks(target, served.config.eagle_aux_hidden_state_layer_ids)
+        gen = speculative(target, hooks, served, prompt, n, k, eos)
+        hooks.remove()
+        hist = torch.bincount(torch.tensor([max(a - fewer, 0) for a in gen.accepted])).tolist()
+        meta = {"spec_verify_ct": len(gen.accepted), "spec_correct_drafts_histogram": hist}
+        return {"output_ids": gen.tokens, "meta_info": meta}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.reply(answer(self.path, None))
+
+        def do_POST(self):
+            self.reply(answer(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+
+        def reply(self, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sglang(tiny_target, tmp_path_factory):
+    """A draft of the tiny target overfit on the prompts' answers, exported for SGLang; the plain stand-in."""
+    tmp = tmp_path_factory.mktemp("verify-sglang")
+    draft = overfit_draft(tiny_target, tmp, engine="sglang", aux=[1, 2, 3])
+    with sglang_standin(tiny_target) as base:
+        yield {"target": tiny_target, "tmp": tmp, "draft": draft, "trained": tmp / "trained", "base": base}
+
+
+def run_sglang(s, out, eagle, draft=None):
+    return verify.main(
+        [
+            *("--engine", "sglang", "--target", str(s["target"]), "--draft", str(draft or s["draft"])),
+            *("--trained", str(s["trained"]), "--prompts", str(MT_BENCH), "--num-prompts", str(PROMPTS)),
+            *("--max-tokens", str(TOKENS), "--dtype", "float32", "--base-url", eagle, "--baseline-url", s["base"]),
+            *("--out", str(out)),
+        ]
+    )
+
+
+def test_sglang_a_draft_served_as_trained_passes(sglang, tmp_path, capsys):
+    with sglang_standin(sglang["target"], sglang["draft"]) as eagle:
+        assert run_sglang(sglang, tmp_path / "v.json", eagle) == 0
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert all(c["ok"] for c in report["checks"].values()) and len(report["checks"]) == 5
+    total = report["acceptance"]["total"]
+    assert total["served_tau"] > 1.5 and total["served"] == pytest.approx(total["offline"], abs=1e-9)
+    rows = report["prompts"]  # rounds served == rounds offline, the same outputs
+    assert all(r["drafts"] == len(r["offline_accepted"]) > 0 and r["output"] == r["plain_output"] for r in rows)
+    assert "all checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("served", ["fewer", "another draft"])
+def test_sglang_acceptance_that_is_not_the_trained_drafts_fails_naming_a_position(sglang, tmp_path, served):
+    """The histogram reports one fewer accepted draft per round, or comes from a random draft."""
+    from conftest import export_random_draft
+
+    draft = (
+        export_random_draft(sglang["target"], tmp_path, [1, 2, 3])["sglang"]
+        if served == "another draft"
+        else sglang["draft"]
+    )
+    with sglang_standin(sglang["target"], draft, fewer=int(served == "fewer")) as eagle:
+        assert run_sglang(sglang, tmp_path / "v.json", eagle) == 1
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert [name for name, c in report["checks"].items() if not c["ok"]] == ["acceptance"]
+    assert report["failures"][0].startswith("acceptance: position ")
+
+
+def test_sglang_a_served_system_prompt_fails_the_template_audit(sglang, tmp_path):
+    with sglang_standin(sglang["target"], sglang["draft"], system="You are a helpful AI assistant named Helper") as url:
+        assert run_sglang(sglang, tmp_path / "v.json", url) == 1
+    report = json.loads((tmp_path / "v.json").read_text())
+    line = next(x for x in report["failures"] if x.startswith("template:"))
+    assert "Helper" in line and "SmolLM" in line and "3 of 3 prompts differ" in line
+
+
+@pytest.mark.parametrize("case", ["tree", "plain", "vllm folder"])
+def test_sglang_a_tree_a_plain_server_or_a_vllm_folder_is_refused_in_one_line(sglang, tmp_path, capsys, case):
+    from traineagle3.export import export
+
+    draft = (
+        export(sglang["trained"], str(sglang["target"]), "vllm", tmp_path / "vllm") if case == "vllm folder" else None
+    )
+    with sglang_standin(
+        sglang["target"], None if case == "plain" else sglang["draft"], topk=4 if case == "tree" else 1
+    ) as url:
+        with pytest.raises(SystemExit) as e:
+            run_sglang(sglang, tmp_path / "v.json", url, draft=draft)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert {
+        "tree": "drafts a tree (speculative_eagle_topk 4)",
+        "plain": "does not draft with EAGLE-3",
+        "vllm folder": "is not an SGLang draft folder",
+    }[case] in err
+
+
+def test_sglang_launch_serves_a_chain_of_k(tmp_path):
+    """--launch's flags, through benchmark/sglang/serve.sh --dry-run: topk 1, k steps, k+1 draft tokens."""
+    flags = verify.eagle_flags("sglang", tmp_path, 5)
+    r = subprocess.run(
+        ["bash", str(ROOT / "benchmark" / "sglang" / "serve.sh"), *flags, "--target", str(tmp_path), "--dry-run"],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--speculative-num-steps 5 --speculative-eagle-topk 1 --speculative-num-draft-tokens 6" in r.stdout

@@ -1,7 +1,7 @@
 """Prove, against the real server, that a draft serves as it was trained, before anyone benchmarks it.
 
     python -m traineagle3.verify --target T --draft D --prompts FILE [--num-prompts N] [--k K]
-        (--launch | --base-url URL --baseline-url URL) [--trained DIR] [--out verify.json]
+        [--engine vllm|sglang] (--launch | --base-url URL --baseline-url URL) [--trained DIR] [--out verify.json]
 
 Most "good offline, poor when served" reports are silent mismatches while the server
 looks healthy.  Each check prints PASS or FAIL with one line of why; the exit status is
@@ -15,13 +15,16 @@ looks healthy.  Each check prints PASS or FAIL with one line of why; the exit st
               choice up to a near-tie (NEAR_TIE logits): in bf16, verifying k+1 tokens in one
               batch rounds differently than decoding one, so two tokens of equal score can
               swap; a token the target clearly did not pick fails
-  acceptance  acceptance per draft position served (the server's /metrics, counted per
-              prompt) against the offline evaluator forced along the same served outputs,
-              with the trained draft (--trained, else the served folder); a gap above
-              TOLERANCE fails, naming the position
+  acceptance  acceptance per draft position served (vLLM: its /metrics, counted per prompt;
+              SGLang: each request's spec_correct_drafts_histogram) against the offline
+              evaluator forced along the same served outputs, with the trained draft
+              (--trained, else the served folder); a gap above TOLERANCE fails, naming the position
 Acceptance is also broken down by the prompts' writing system (cjk / latin / code / other).
---launch starts both servers with benchmark/vllm/serve.sh (the settings users serve with)
-and stops them at the end.  vLLM only: SGLang reports no per-position acceptance.
+--launch starts both servers with benchmark/<engine>/serve.sh (the settings users serve with)
+and stops them at the end.  SGLang: chain drafting only (topk 1, num-steps k, num-draft-tokens
+k+1), where draft position i was accepted in the rounds that accepted more than i drafts; a
+server drafting a tree (read from /server_info) is refused, as is a --draft folder that is not
+SGLang's export.  vLLM is served chat completions; SGLang /generate of the ids its /tokenize gave.
 """
 
 from __future__ import annotations
@@ -61,19 +64,35 @@ METRIC = re.compile(
 
 
 class Server:
-    """One OpenAI-compatible vLLM server: its tokeniser, greedy chat and speculative counters."""
+    """One served model: its tokeniser, greedy decoding and, with a draft, its acceptance per prompt.
+
+    `/v1/models` gives the served name and max_model_len on both engines."""
 
     def __init__(self, url: str):
         self.root = url.rstrip("/").removesuffix("/v1")
         self.http = httpx.Client(timeout=900)
-        card = self.http.get(f"{self.root}/v1/models").raise_for_status().json()["data"][0]
+        card = self.get("/v1/models")["data"][0]
         self.model, self.max_model_len = card["id"], card.get("max_model_len")
+
+    def get(self, path: str) -> dict:
+        return self.http.get(f"{self.root}{path}").raise_for_status().json()
+
+    def post(self, path: str, body: dict) -> dict:
+        return self.http.post(f"{self.root}{path}", json=body).raise_for_status().json()
+
+    def drafting_problem(self, k: int) -> str | None:
+        """Why the server's drafting is not the chain of k drafts verify compares with; None if it is."""
+        return None
+
+
+class VllmServer(Server):
+    """An OpenAI-compatible vLLM server: greedy chat, speculative counters from /metrics."""
 
     def tokenize(self, messages: list[dict]) -> list[int]:
         body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
-        return self.http.post(f"{self.root}/tokenize", json=body).raise_for_status().json()["tokens"]
+        return self.post("/tokenize", body)["tokens"]
 
-    def greedy(self, messages: list[dict], max_tokens: int) -> list[int]:
+    def greedy(self, messages: list[dict], prompt_ids: list[int], max_tokens: int) -> list[int]:
         body = {
             "model": self.model,
             "messages": messages,
@@ -81,8 +100,15 @@ class Server:
             "temperature": 0,
             "return_token_ids": True,
         }
-        r = self.http.post(f"{self.root}/v1/chat/completions", json=body).raise_for_status().json()
-        return r["choices"][0]["token_ids"]
+        return self.post("/v1/chat/completions", body)["choices"][0]["token_ids"]
+
+    def speculative(self, messages, prompt_ids, max_tokens: int, k: int) -> tuple[list[int], float, list[float]]:
+        """(greedy output, drafts, accepted per draft position) of one request: /metrics before and after."""
+        finished = self.counters()[0]
+        before = self.spec_counts(finished)
+        out = self.greedy(messages, prompt_ids, max_tokens)
+        after = self.spec_counts(finished + 1)
+        return out, after[0] - before[0], [after[1].get(i, 0) - before[1].get(i, 0) for i in range(k)]
 
     def counters(self) -> tuple[float, float, dict[int, float]]:
         """(requests finished, drafts, accepted tokens per draft position) so far."""
@@ -107,15 +133,66 @@ class Server:
         return now[1], now[2]
 
 
+class SglangServer(Server):
+    """An SGLang server: /tokenize renders `messages` as its chat endpoint does (generation prompt
+    included); /generate decodes the prompt's ids; a speculative request's meta_info holds
+    spec_verify_ct (rounds) and spec_correct_drafts_histogram (rounds that accepted j drafts)."""
+
+    def tokenize(self, messages: list[dict]) -> list[int]:
+        return self.post("/tokenize", {"model": self.model, "messages": messages})["tokens"]
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> dict:
+        params = {"temperature": 0, "max_new_tokens": max_tokens}
+        return self.post("/generate", {"input_ids": prompt_ids, "sampling_params": params})
+
+    def greedy(self, messages, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        return self.generate(prompt_ids, max_tokens)["output_ids"]
+
+    def speculative(self, messages, prompt_ids, max_tokens: int, k: int) -> tuple[list[int], float, list[float]]:
+        """In a chain, draft position i is accepted in the rounds that accepted more than i drafts."""
+        r = self.generate(prompt_ids, max_tokens)
+        hist = r["meta_info"].get("spec_correct_drafts_histogram") or []
+        return r["output_ids"], r["meta_info"].get("spec_verify_ct", 0), [sum(hist[i + 1 :]) for i in range(k)]
+
+    def drafting_problem(self, k: int) -> str | None:
+        info = self.get("/server_info")
+        algo, topk, steps, tokens = (
+            info.get(f"speculative_{name}") for name in ("algorithm", "eagle_topk", "num_steps", "num_draft_tokens")
+        )
+        if str(algo).upper() not in ("EAGLE", "EAGLE3"):
+            return f"{self.root} does not draft with EAGLE-3 (speculative_algorithm {algo})"
+        if (topk or 1) > 1:
+            return (
+                f"{self.root} drafts a tree (speculative_eagle_topk {topk}): verify compares per-position "
+                f"acceptance of chain drafting only; serve with --eagle-topk 1 --num-steps {k} "
+                f"--num-draft-tokens {k + 1}"
+            )
+        if (steps, tokens) != (k, k + 1):
+            return f"{self.root} drafts {steps} steps, {tokens} draft tokens; --k {k} needs {k} and {k + 1}"
+        return None
+
+
+ENGINES = {"vllm": VllmServer, "sglang": SglangServer}
+
+
+def eagle_flags(engine: str, draft: Path, k: int) -> list[str]:
+    """serve.sh's flags for an EAGLE-3 chain of k drafts."""
+    chain = {
+        "vllm": f"--num-speculative-tokens {k}",
+        "sglang": f"--num-steps {k} --eagle-topk 1 --num-draft-tokens {k + 1}",
+    }
+    return ["--eagle", "--draft", str(draft), *chain[engine].split()]
+
+
 @contextmanager
-def launched(target: str, draft: Path | None, k: int, max_model_len: int, log_dir: Path, dtype: str):
-    """A server started by benchmark/vllm/serve.sh on a free port, stopped on exit."""
+def launched(engine: str, target: str, draft: Path | None, k: int, max_model_len: int, log_dir: Path, dtype: str):
+    """A server started by benchmark/<engine>/serve.sh on a free port, stopped on exit."""
     from .net import free_port
 
     port = free_port()
-    eagle = ["--eagle", "--draft", str(draft), "--num-speculative-tokens", str(k)] if draft else []
+    eagle = eagle_flags(engine, draft, k) if draft else []
     env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir))
-    serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
+    serve = ["bash", str(ROOT / "benchmark" / engine / "serve.sh")]
     try:
         subprocess.run(
             [
@@ -206,11 +283,8 @@ class Verifier:
         for p in prompts:
             messages = [{"role": "user", "content": p["turns"][0]}]
             prompt_ids = self.eagle.tokenize(messages)
-            finished = self.eagle.counters()[0]
-            before = self.eagle.spec_counts(finished)
-            out = self.eagle.greedy(messages, self.args.max_tokens)
-            after = self.eagle.spec_counts(finished + 1)
-            plain = self.base.greedy(messages, self.args.max_tokens)
+            out, drafts, accepted = self.eagle.speculative(messages, prompt_ids, self.args.max_tokens, self.args.k)
+            plain = self.base.greedy(messages, prompt_ids, self.args.max_tokens)
             answer = self.tokenizer.decode(out, skip_special_tokens=True)
             ids, mask = tokenize_conversation(
                 self.tokenizer, messages + [{"role": "assistant", "content": answer}], special
@@ -224,8 +298,8 @@ class Verifier:
                     "trained_prompt_ids": ids[:first],
                     "output": out,
                     "plain_output": plain,
-                    "drafts": after[0] - before[0],
-                    "accepted": [after[1].get(i, 0) - before[1].get(i, 0) for i in range(self.args.k)],
+                    "drafts": drafts,
+                    "accepted": accepted,
                     "sample": (ids, mask),
                 }
             )
@@ -362,16 +436,26 @@ def greedy_check(target, rows: list[dict], tolerance: float) -> tuple[str | None
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the target folder or name the server serves")
-    p.add_argument("--draft", required=True, help="the exported vLLM draft folder")
+    p.add_argument("--draft", required=True, help="the exported draft folder the EAGLE-3 server loads (of --engine)")
     p.add_argument("--trained", help="the draft as trained (training output or its draft/): what the offline side runs")
-    p.add_argument("--engine", default="vllm", choices=["vllm"], help="vLLM only for now")
+    p.add_argument(
+        "--engine",
+        default="vllm",
+        choices=list(ENGINES),
+        help="the servers' engine; sglang: chain drafting only (topk 1, num-steps k, num-draft-tokens k+1)",
+    )
     p.add_argument("--prompts", required=True)
     p.add_argument("--num-prompts", type=number(int, 1), default=10)
-    p.add_argument("--k", type=number(int, 1), default=3, help="the server's num_speculative_tokens")
+    p.add_argument(
+        "--k",
+        type=number(int, 1),
+        default=3,
+        help="the server's num_speculative_tokens (SGLang: speculative_num_steps)",
+    )
     p.add_argument("--max-tokens", type=number(int, 1), default=64)
     p.add_argument("--tolerance", type=number(float, 0.0, 1.0), default=TOLERANCE)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--launch", action="store_true", help="start both servers with benchmark/vllm/serve.sh")
+    g.add_argument("--launch", action="store_true", help="start both servers with benchmark/<engine>/serve.sh")
     g.add_argument("--base-url", help="the EAGLE-3 server (then --baseline-url is the plain one)")
     p.add_argument("--baseline-url")
     p.add_argument("--max-model-len", type=number(int, 16), default=2048, help="with --launch")
@@ -395,7 +479,7 @@ def main(argv=None) -> int:
 
     from .default_model import resolve_target
     from .evaluate import draft_for
-    from .export import find_draft_folder
+    from .export import check, find_draft_folder
 
     args = parse_args(argv)
     prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)  # the user's files first, before any model
@@ -403,23 +487,28 @@ def main(argv=None) -> int:
         raise UserError(f"{args.prompts}: no usable prompts")
     served, trained = find_draft_folder(args.draft), find_draft_folder(args.trained or args.draft)
     path = resolve_target(args.target)
+    if args.engine == "sglang" and (problems := check(served, str(path), "sglang")):
+        raise UserError(f"{served} is not an SGLang draft folder for this target: {'; '.join(problems)}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     args.dtype = choose_precision("cpu", args.dtype)[0]
     target = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     draft = draft_for(trained, target, "cpu", getattr(torch, args.dtype))
     with ExitStack() as stack:
         if args.launch:
-            logs = Path(args.out).resolve().parent / "verify-serve"
-            args.baseline_url = stack.enter_context(launched(path, None, args.k, args.max_model_len, logs, args.dtype))
-            args.base_url = stack.enter_context(launched(path, served, args.k, args.max_model_len, logs, args.dtype))
+            settings = (args.k, args.max_model_len, Path(args.out).resolve().parent / "verify-serve", args.dtype)
+            for name, draft_folder in (("baseline_url", None), ("base_url", served)):
+                setattr(args, name, stack.enter_context(launched(args.engine, path, draft_folder, *settings)))
+        base, eagle = ENGINES[args.engine](args.baseline_url), ENGINES[args.engine](args.base_url)
+        if problem := eagle.drafting_problem(args.k):
+            raise UserError(problem)
         verifier = Verifier(
             args,
             tokenizer,
             target,
             draft,
             json.loads((served / "config.json").read_text()),
-            base=Server(args.baseline_url),
-            eagle=Server(args.base_url),
+            base=base,
+            eagle=eagle,
         )
         verifier.run(prompts)
     Path(args.out).write_text(
