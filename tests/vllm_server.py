@@ -17,9 +17,11 @@ SERVE = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
 
 
 @contextmanager
-def vllm_server(model: Path, log_dir: Path, name: str = "smollm2", draft: Path | None = None, extra: tuple = ()):
+def vllm_server(
+    model: Path, log_dir: Path, name: str = "smollm2", draft: Path | None = None, extra: tuple = (), dtype: str = "auto"
+):
     """Yield (base_url ending in /v1, stop) for a server of `model` (with the EAGLE-3 `draft`
-    if given; `extra`: more vLLM flags) logging under `log_dir`; stop() ends it early
+    if given; `extra`: more vLLM flags; `dtype`: serve.sh's) logging under `log_dir`; stop() ends it early
     (idempotent), and it is stopped on exit in any case."""
     port = free_port()
     # 2 GiB of KV cache each: some tests run two servers side by side.
@@ -41,6 +43,8 @@ def vllm_server(model: Path, log_dir: Path, name: str = "smollm2", draft: Path |
             str(port),
             "--max-model-len",
             "2048",
+            "--dtype",
+            dtype,
             *(["--", *extra] if extra else []),
         ],
         env=env,
