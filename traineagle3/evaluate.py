@@ -27,6 +27,7 @@ from .export import find_draft_folder
 from .features import AuxHooks
 from .precision import choose as choose_precision
 from .records import read_prompts, writing_system
+from .tree import TreeKVCache, accept, build_tree, keep_path, verify
 
 
 @dataclass
@@ -131,6 +132,46 @@ def speculative(
             dcache,
         )
         n, x = n + a + 1, new[-1]
+    tokens, _ = _finish(out, eos, max_new)
+    return Generation(tokens, time.perf_counter() - start, accepted)
+
+
+@torch.no_grad()
+def tree_speculative(
+    target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, topk: int, depth: int, num: int, eos: set[int]
+) -> Generation:
+    """Greedy EAGLE tree drafting (tree.py): per round a tree of `num` tokens (root included),
+    `topk` children per expanded node, `depth` levels, verified in one target pass; returns the
+    same tokens as `greedy`.  `accepted` holds the accepted depth of each round."""
+    from transformers import DynamicCache
+
+    start, cache, dcache = time.perf_counter(), DynamicCache(), TreeKVCache()
+    dev = prompt.device
+    hidden = target.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
+    x = int(target.lm_head(hidden[:, -1]).argmax(-1))
+    out, accepted = [x], []
+    n = prompt.shape[1]  # as in `speculative`: positions 0..n-1 cached, the root x at n
+    tokens = torch.cat([prompt[:, 1:], torch.tensor([[x]], device=dev)], 1)
+    logits, g = draft.step(
+        tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache
+    )
+    while not _finish(out, eos, max_new)[1]:
+        tree = build_tree(draft, logits[0, -1], g[:, -1:], dcache, x, n, topk, depth, num)
+        best = verify(target, tree, cache, n)
+        path = accept(tree, best)
+        keep_path(cache, n, path)
+        aux = hooks.take()[:, path]  # the target's features at the accepted nodes, in path order
+        new = [tree.tokens[i] for i in path[1:]] + [best[path[-1]]]
+        accepted.append(len(path) - 1)
+        out += new
+        dcache.crop(n)  # drop the tree; the verified positions get step-0 entries as in `speculative`
+        logits, g = draft.step(
+            torch.tensor([new], device=dev),
+            draft.fc(aux.to(draft.fc.weight.dtype)),
+            torch.arange(n, n + len(path), device=dev)[None],
+            dcache,
+        )
+        n, x = n + len(path), new[-1]
     tokens, _ = _finish(out, eos, max_new)
     return Generation(tokens, time.perf_counter() - start, accepted)
 
