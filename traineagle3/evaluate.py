@@ -27,6 +27,7 @@ from .export import find_draft_folder
 from .features import AuxHooks
 from .precision import choose as choose_precision
 from .records import read_prompts, writing_system
+from .tree import TreeKVCache, accept, build_tree, keep_path, verify
 
 
 @dataclass
@@ -135,6 +136,46 @@ def speculative(
     return Generation(tokens, time.perf_counter() - start, accepted)
 
 
+@torch.no_grad()
+def tree_speculative(
+    target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, topk: int, depth: int, num: int, eos: set[int]
+) -> Generation:
+    """Greedy EAGLE tree drafting (tree.py): per round a tree of `num` tokens (root included),
+    `topk` children per expanded node, `depth` levels, verified in one target pass; returns the
+    same tokens as `greedy`.  `accepted` holds the accepted depth of each round."""
+    from transformers import DynamicCache
+
+    start, cache, dcache = time.perf_counter(), DynamicCache(), TreeKVCache()
+    dev = prompt.device
+    hidden = target.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
+    x = int(target.lm_head(hidden[:, -1]).argmax(-1))
+    out, accepted = [x], []
+    n = prompt.shape[1]  # as in `speculative`: positions 0..n-1 cached, the root x at n
+    tokens = torch.cat([prompt[:, 1:], torch.tensor([[x]], device=dev)], 1)
+    logits, g = draft.step(
+        tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache
+    )
+    while not _finish(out, eos, max_new)[1]:
+        tree = build_tree(draft, logits[0, -1], g[:, -1:], dcache, x, n, topk, depth, num)
+        best = verify(target, tree, cache, n)
+        path = accept(tree, best)
+        keep_path(cache, n, path)
+        aux = hooks.take()[:, path]  # the target's features at the accepted nodes, in path order
+        new = [tree.tokens[i] for i in path[1:]] + [best[path[-1]]]
+        accepted.append(len(path) - 1)
+        out += new
+        dcache.crop(n)  # drop the tree; the verified positions get step-0 entries as in `speculative`
+        logits, g = draft.step(
+            torch.tensor([new], device=dev),
+            draft.fc(aux.to(draft.fc.weight.dtype)),
+            torch.arange(n, n + len(path), device=dev)[None],
+            dcache,
+        )
+        n, x = n + len(path), new[-1]
+    tokens, _ = _finish(out, eos, max_new)
+    return Generation(tokens, time.perf_counter() - start, accepted)
+
+
 def summarize(accepted: list[int], k: int) -> dict:
     """Drafts accepted in each round -> rounds, tau and acceptance per draft position."""
     rounds, tau, rates = round_stats(torch.bincount(torch.tensor(accepted, dtype=torch.long), minlength=k + 1))
@@ -142,9 +183,22 @@ def summarize(accepted: list[int], k: int) -> dict:
 
 
 def evaluate(
-    target, tokenizer, draft, prompts: list[dict], k: int, max_new: int, device, progress: str | None = None
+    target,
+    tokenizer,
+    draft,
+    prompts: list[dict],
+    k: int,
+    max_new: int,
+    device,
+    progress: str | None = None,
+    tree: tuple[int, int, int] | None = None,
 ) -> dict:
-    """All prompts; with `progress` (a label), one line per prompt: several runs side by side stay readable."""
+    """All prompts; with `progress` (a label), one line per prompt: several runs side by side stay readable.
+
+    `tree` = (topk, depth, num_draft_tokens) drafts trees instead of chains of k (`k` is then the
+    depth: acceptance per position reads as acceptance per depth)."""
+    if tree is not None:
+        k = tree[1]
     ids = draft.config.eagle_aux_hidden_state_layer_ids
     hooks = AuxHooks(target, ids)
     eos = _eos_ids(target, tokenizer)
@@ -152,7 +206,7 @@ def evaluate(
     by_script: dict[str, list[int]] = {}
     try:
         for i, p in enumerate(prompts):
-            row, accepted, times = _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device)
+            row, accepted, times = _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device, tree)
             rows.append(row)
             all_accepted += accepted
             by_script.setdefault(row["script"], []).extend(accepted)
@@ -173,6 +227,7 @@ def evaluate(
         "speedup": round((spec_tok / spec_s) / (plain_tok / plain_s), 3),
         "prompts": len(rows),
         "k": k,
+        **({"tree": dict(zip(["topk", "depth", "num_draft_tokens"], tree))} if tree else {}),
         "by_script": {
             name: {"prompts": sum(r["script"] == name for r in rows), **summarize(acc, k)}
             for name, acc in sorted(by_script.items())
@@ -181,7 +236,7 @@ def evaluate(
     return {"total": total, "prompts": rows}
 
 
-def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device):
+def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device, tree=None):
     """One prompt, turn by turn (each answer joins the history); returns row, accepts, times."""
     messages, accepted, identical = [], [], True
     spec_s = plain_s = spec_tok = plain_tok = 0
@@ -190,7 +245,10 @@ def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
         base = greedy(target, prompt, max_new, eos)
-        spec = speculative(target, hooks, draft, prompt, max_new, k, eos)
+        if tree:
+            spec = tree_speculative(target, hooks, draft, prompt, max_new, *tree, eos)
+        else:
+            spec = speculative(target, hooks, draft, prompt, max_new, k, eos)
         identical &= spec.tokens == base.tokens
         accepted += spec.accepted
         spec_s, plain_s = spec_s + spec.seconds, plain_s + base.seconds
@@ -209,11 +267,13 @@ def _evaluate_prompt(target, tokenizer, hooks, draft, p, k, max_new, eos, device
 def table(result: dict) -> str:
     t = result["total"]
     acc = " ".join(f"{x:.2f}" for x in t["acceptance_per_position"])
+    tree = t.get("tree")  # a tree's positions are its depths
+    k = f"tree topk {tree['topk']} depth {tree['depth']} N {tree['num_draft_tokens']}" if tree else t["k"]
     return "\n".join(
         [
             "| prompts | k | tau | acceptance per position | spec tok/s | plain tok/s | speed-up | lossless |",
             "|---|---|---|---|---|---|---|---|",
-            f"| {t['prompts']} | {t['k']} | {t['tau']:.2f} | {acc} | {t['spec_tokens_per_s']:.1f} | "
+            f"| {t['prompts']} | {k} | {t['tau']:.2f} | {acc} | {t['spec_tokens_per_s']:.1f} | "
             f"{t['plain_tokens_per_s']:.1f} | {t['speedup']:.2f}x | {'yes' if t['identical'] else 'NO'} |",
             "",
             "| prompts by script | tau | acceptance per position |",
@@ -249,6 +309,11 @@ def main(argv=None) -> None:
     p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
     p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
     p.add_argument("--num-speculative-tokens", type=number(int, 1), default=3)
+    p.add_argument("--topk", type=number(int, 1), default=None, help="tree drafting: children per expanded node")
+    p.add_argument("--depth", type=number(int, 1), default=None, help="tree drafting: draft levels")
+    p.add_argument(
+        "--num-draft-tokens", type=number(int, 2), default=None, help="tree drafting: tokens verified, root included"
+    )
     p.add_argument("--num-prompts", type=number(int, 1), default=None)
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128)
     p.add_argument(
@@ -268,6 +333,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.temperature != 0:
         p.error("only greedy decoding (--temperature 0) is implemented")
+    tree = (args.topk, args.depth, args.num_draft_tokens)
+    if any(x is not None for x in tree) and None in tree:
+        p.error("tree drafting needs all of --topk, --depth and --num-draft-tokens")
     prompts = read_prompts(args.prompts, args.num_prompts, args.max_turns)  # the user's files first, before any model
     if not prompts:
         raise UserError(f"{args.prompts}: no usable prompts")
@@ -287,6 +355,7 @@ def main(argv=None) -> None:
         args.max_new_tokens,
         device,
         progress=Path(args.out).stem,
+        tree=tree if args.topk else None,
     )
     result["args"] = vars(args)
     Path(args.out).write_text(json.dumps(result, indent=1))
