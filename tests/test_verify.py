@@ -138,25 +138,30 @@ def test_a_draft_served_as_trained_passes(servers, tmp_path, capsys):
     assert len(rows) == 3 and all(r["drafts"] > 0 and 0 < len(r["output"]) <= 24 for r in rows)  # the server drafted
     assert report["acceptance"]["total"]["served_tau"] > 2  # the overfit draft is accepted: a gap would show
     assert all(r["prompt_ids"] == r["trained_prompt_ids"] for r in rows)
+    log = (servers["tmp"] / "logs" / "vllm-eagle3.log").read_text()  # vLLM read the export as written
+    ids = json.loads((servers["draft"] / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"]
+    assert f"Using auxiliary layers from speculative config: ({ids[0]}, {ids[1]}, {ids[2]})" in log
+    assert "Sharing target model embedding" in log
     # offline, forced along the served output, decodes the same number of rounds as the server drafted
     assert sum(len(r["offline_accepted"]) for r in rows) == pytest.approx(sum(r["drafts"] for r in rows), abs=3)
     assert report["acceptance"]["by_script"].keys() == {"latin"}
     assert "[[" in out and "PASS greedy" in out and "all checks passed" in out
 
 
-def test_a_served_system_prompt_that_training_did_not_have_fails_the_template_audit(
+def test_a_system_prompt_that_training_and_serving_do_not_share_fails_the_template_audit(
     servers, smol_path, tmp_path, capsys
 ):
+    """Training rendered with another template (here: --target, a copy of the served model whose
+    system prompt differs) than the server applies; the same weights, so only the rendering differs."""
     chat = (smol_path / "chat_template.jinja").read_text()
     assert "named SmolLM" in chat
-    (tmp_path / "other.jinja").write_text(chat.replace("named SmolLM", "named Helper"))
-    with vllm_server(
-        smol_path, dtype=DTYPE, log_dir=tmp_path / "logs", extra=("--chat-template", str(tmp_path / "other.jinja"))
-    ) as (
-        url,
-        _,
-    ):
-        assert run(servers, tmp_path / "v.json", eagle=url) == 1
+    other = tmp_path / "other-template"
+    other.mkdir()
+    for f in smol_path.iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "chat_template.jinja").unlink()
+    (other / "chat_template.jinja").write_text(chat.replace("named SmolLM", "named Helper"))
+    assert run(servers, tmp_path / "v.json", "--target", str(other)) == 1
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "v.json").read_text())
     assert not report["checks"]["template"]["ok"]

@@ -1,0 +1,97 @@
+"""traineagle3.advise's predictions against served measurements: tau and speed-up per k.
+
+    python -m benchmark.advice_check advise.json outputs/sweep_k
+
+The folder holds one benchmark.sh result folder per k (`k<k>/compare.json`, as
+benchmark/vllm/sweep_k.sh writes them).  For each k and concurrency measured: predicted and
+served tau and speed-up, and the speed-up's error (predicted / served - 1); then whether the
+advisor's recommended k is the served best, or how far behind it is.  Writes
+advice_check.{md,json} in the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def measured(folder: Path) -> dict[tuple[int, int], dict]:
+    """(k, concurrency) -> {tau, speedup} from each k<k>/compare.json."""
+    out = {}
+    for path in sorted(folder.glob("k*/compare.json")):
+        if not (m := re.fullmatch(r"k(\d+)", path.parent.name)):
+            continue
+        for row in json.loads(path.read_text()):
+            if row["server"] == "eagle3" and row.get("speedup") is not None:
+                out[int(m[1]), row["concurrency"]] = {"tau": row["acceptance_length"], "speedup": row["speedup"]}
+    return out
+
+
+def check(advice: dict, served: dict[tuple[int, int], dict]) -> dict:
+    predicted = {(r["k"], r["concurrency"]): r for r in advice["predictions"] if "k" in r}
+    rows = []
+    for (k, c), s in sorted(served.items()):
+        if (p := predicted.get((k, c))) is None:
+            continue
+        rows.append(
+            {"k": k, "concurrency": c, "tau_predicted": p["tau"], "tau_served": s["tau"]}
+            | {"speedup_predicted": p["speedup"], "speedup_served": s["speedup"]}
+            | {"error": p["speedup"] / s["speedup"] - 1}
+        )
+    verdicts = {}
+    for c in sorted({r["concurrency"] for r in rows}):
+        mine = {r["k"]: r for r in rows if r["concurrency"] == c}
+        best = max(mine.values(), key=lambda r: r["speedup_served"])
+        rec = advice["recommendation"].get("vllm", {}).get("best", {}).get(str(c), {}).get("setting", "")
+        k = int(rec.split("=")[1]) if rec.startswith("chain k=") else None
+        verdicts[c] = {
+            "recommended_k": k,
+            "served_best_k": best["k"],
+            "behind_best": None if k not in mine else 1 - mine[k]["speedup_served"] / best["speedup_served"],
+        }
+    return {"rows": rows, "recommendation": verdicts}
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| k | concurrency | tau predicted | tau served | speed-up predicted | speed-up served | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['k']} | {r['concurrency']} | {r['tau_predicted']:.2f} | {r['tau_served']:.2f} | "
+            f"{r['speedup_predicted']:.2f}x | {r['speedup_served']:.2f}x | {r['error']:+.1%} |"
+        )
+    errors = [abs(r["error"]) for r in result["rows"]]
+    if errors:
+        lines += ["", f"largest speed-up error {max(errors):.1%}, mean {sum(errors) / len(errors):.1%}"]
+    for c, v in result["recommendation"].items():
+        behind = "not served" if v["behind_best"] is None else f"{v['behind_best']:.1%} behind the served best"
+        lines.append(
+            f"concurrency {c}: recommended k={v['recommended_k']}, served best k={v['served_best_k']} ({behind})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("advice", type=Path, help="traineagle3.advise --out JSON")
+    p.add_argument("folder", type=Path, help="sweep_k.sh's folder (k<k>/compare.json)")
+    a = p.parse_args(argv)
+    served = measured(a.folder)
+    if not served:
+        print(f"error: no k<k>/compare.json with an EAGLE-3 row under {a.folder}", file=sys.stderr)
+        return 1
+    result = check(json.loads(a.advice.read_text()), served)
+    text = table(result)
+    (a.folder / "advice_check.md").write_text(text + "\n")
+    (a.folder / "advice_check.json").write_text(json.dumps(result, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+import json
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from conftest import ROOT, export_random_draft, run_env
+from test_evaluate import setup
+from test_tree import FULL, Hinted, prompt_of
+
+from traineagle3.advise import EngineClock, chain_rounds, draft_vocab, engine_costs, parse_trees, predict, recommend
+from traineagle3.cli import UserError
+from traineagle3.evaluate import greedy, speculative
+from traineagle3.features import AuxHooks, TargetFeatures
+
+
+def test_one_unroll_gives_the_rounds_of_chain_drafting_for_every_k(tiny_target):
+    """The replayed rounds of each k are the offline evaluator's, round for round (its last round
+    may accept guesses past the answer's end, which the replay cannot see)."""
+    target, draft = setup(tiny_target, FULL)
+    hooks = AuxHooks(target, [1, 2, 3])
+    seen = set()
+    for seed in range(3):
+        prompt = prompt_of(seed)
+        answer = greedy(target, prompt, 40, eos=set()).tokens
+        d = Hinted(draft, prompt[0].tolist() + answer + [0] * 10, 6.0, lambda p: p % 5 != 0)
+        d.config = draft.config
+        features = TargetFeatures(target, [1, 2, 3], draft_vocab(draft, target.config.vocab_size))
+        replayed = chain_rounds(features, d, prompt[0].tolist(), answer, 5)
+        features.hooks.remove()
+        for k in range(1, 6):
+            decoded = speculative(target, hooks, d, prompt, 40, k, eos=set()).accepted
+            assert replayed[k][:-1] == decoded[: len(replayed[k]) - 1], k
+            assert len(decoded) - 1 <= len(replayed[k]) <= len(decoded)
+            seen |= set(decoded[:-1])
+    assert {0, 1, 2, 3} <= seen  # rounds of every kind were compared
+
+
+def costs(t: dict, d: dict) -> dict:
+    return {"target": t, "draft": d}
+
+
+def test_predicted_speedup_is_tau_times_the_plain_step_over_the_round():
+    chains = {1: {"tau": 1.5}, 3: {"tau": 2.0}}
+    trees = {(2, 3, 6): {"tau": 2.7}}
+    c1 = costs({1: 10.0, 2: 11.0, 4: 12.0, 6: 14.0}, {1: 1.0, 2: 1.5})
+    c16 = costs({1: 10.0, 2: 19.0, 4: 36.0, 6: 55.0}, {1: 2.0, 2: 3.0})
+    rows = {(r["setting"], r["concurrency"]): r for r in predict(chains, trees, {1: c1, 16: c16})}
+    assert rows["chain k=1", 1]["speedup"] == pytest.approx(1.5 * 10 / (11 + 1), abs=1e-3)
+    assert rows["chain k=3", 1]["speedup"] == pytest.approx(2.0 * 10 / (12 + 3), abs=1e-3)
+    assert rows["tree topk=2 depth=3 N=6", 1]["speedup"] == pytest.approx(2.7 * 10 / (14 + 1 + 2 * 1.5), abs=1e-3)
+    assert rows["chain k=3", 16]["speedup"] == pytest.approx(2.0 * 10 / (36 + 6), abs=1e-3)
+    vllm, sglang = recommend(list(rows.values()), "vllm"), recommend(list(rows.values()), "sglang")
+    assert vllm["best"][1]["setting"] == "chain k=3" and '"num_speculative_tokens": 3' in vllm["best"][1]["flags"]
+    assert sglang["best"][1]["setting"] == "tree topk=2 depth=3 N=6"
+    assert sglang["best"][1]["flags"].endswith("--speculative-eagle-topk 2 --speculative-num-draft-tokens 6")
+    assert vllm["stops_paying_at"] == 16 and sglang["stops_paying_at"] == 16
+    rows_fast = predict(chains, trees, {1: c1})
+    assert recommend(rows_fast, "vllm")["stops_paying_at"] is None
+
+
+def test_tree_flag_is_checked():
+    assert parse_trees("2,3,6 4,5,16") == [(2, 3, 6), (4, 5, 16)]
+    for bad in ["2,3", "a,b,c", "2,3,1"]:
+        with pytest.raises(Exception, match="topk,depth,N"):
+            parse_trees(bad)
+
+
+def test_advise_cli_on_a_tiny_target(tiny_target, tmp_path, chat_jsonl):
+    import subprocess
+    import sys
+
+    draft = export_random_draft(tiny_target, tmp_path, [1, 2, 3])["vllm"]
+    out = tmp_path / "advise.json"
+    args = ["--target", str(tiny_target), "--draft", str(draft), "--prompts", str(chat_jsonl), "--num-prompts", "2"]
+    args += ["--max-new-tokens", "8", "--trees", "2,2,4", "--tree-prompts", "1", "--repeats", "1"]
+    args += ["--concurrency", "1 2", "--dtype", "float32", "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "traineagle3.advise", *args], cwd=ROOT, env=run_env(), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert sorted(result["chains"]) == [str(k) for k in range(1, 8)]
+    assert [t["tree"] for t in result["trees"]] == [[2, 2, 4]]
+    assert len(result["predictions"]) == 2 * 8 and all(r["speedup"] > 0 for r in result["predictions"])
+    assert set(result["recommendation"]) == {"vllm", "sglang"}
+    assert "| chain k=7 |" in run.stdout and "sglang, concurrency 2:" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "traineagle3.advise", *args[:-2], "--concurrency", "0 4"],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "--concurrency takes whole numbers" in bad.stderr
+
+
+def test_draft_vocab_round_trips_d2t(tiny_target):
+    _, draft = setup(tiny_target, torch.arange(0, 49152, 7))
+    vm = draft_vocab(draft, 49152)
+    assert torch.equal(vm.draft_ids, torch.arange(0, 49152, 7)) and torch.equal(vm.d2t, draft.d2t.cpu())
+
+
+def test_advice_check_compares_the_prediction_with_each_served_k(tmp_path):
+    from benchmark.advice_check import main as advice_check
+
+    speedups = {1: 1.10, 2: 1.25, 3: 1.20}
+    for k, s in speedups.items():
+        (tmp_path / f"k{k}").mkdir()
+        rows = [
+            {"server": "baseline", "concurrency": 1, "speedup": 1.0, "acceptance_length": None},
+            {"server": "eagle3", "concurrency": 1, "speedup": s, "acceptance_length": 1 + 0.3 * k},
+        ]
+        (tmp_path / f"k{k}" / "compare.json").write_text(json.dumps(rows))
+    predictions = [{"setting": f"chain k={k}", "k": k, "concurrency": 1, "tau": 1.0, "speedup": 1.2} for k in (1, 2, 3)]
+    advice = {"predictions": predictions, "recommendation": {"vllm": {"best": {"1": {"setting": "chain k=3"}}}}}
+    (tmp_path / "advise.json").write_text(json.dumps(advice))
+    assert advice_check([str(tmp_path / "advise.json"), str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "advice_check.json").read_text())
+    assert [round(r["error"], 4) for r in result["rows"]] == [round(1.2 / s - 1, 4) for s in speedups.values()]
+    verdict = result["recommendation"]["1"]
+    assert verdict["recommended_k"] == 3 and verdict["served_best_k"] == 2
+    assert verdict["behind_best"] == pytest.approx(1 - 1.20 / 1.25)
+    assert "k=3, served best k=2 (4.0% behind" in (tmp_path / "advice_check.md").read_text()
+    assert advice_check([str(tmp_path / "advise.json"), str(tmp_path / "none")]) == 1
+
+
+@contextmanager
+def stand_in_engine(per_token: float, per_new_prompt_token: float, ignores_ignore_eos: bool = False):
+    """An OpenAI completions server whose request takes per_new_prompt_token for each prompt token
+    past a prefix it has seen (its prefix cache: the first 8 tokens) plus per_token per generated token."""
+    seen = set()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.reply({"data": [{"id": "stand-in"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt, n = body["prompt"], body["max_tokens"]
+            new = len(prompt) - 8 if tuple(prompt[:8]) in seen else len(prompt)
+            seen.add(tuple(prompt[:8]))
+            time.sleep(new * per_new_prompt_token + n * per_token)
+            self.reply({"usage": {"completion_tokens": 1 if ignores_ignore_eos else n}})
+
+        def reply(self, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_engine_clock_times_a_decoding_step_and_the_extra_tokens_of_a_pass():
+    with stand_in_engine(per_token=0.02, per_new_prompt_token=0.01) as url:
+        clock = EngineClock(url, vocab=49152, context=8)
+        assert clock.model == "stand-in"
+        assert clock.step(batch=2, repeats=1, tokens=11) == pytest.approx(0.02, rel=0.3)
+        extra = clock.extra(batch=2, sizes=[1, 3, 6], repeats=1)
+        assert (
+            extra[1] == 0 and extra[3] == pytest.approx(0.02, abs=0.008) and extra[6] == pytest.approx(0.05, abs=0.01)
+        )
+        offline = {"target": {1: 0.04, 3: 0.05, 6: 0.08}, "draft": {1: 0.004}}
+        costs = engine_costs(clock, offline, 1, [1, 3, 6], 1)
+        step = costs["target"][1]
+        assert step == pytest.approx(0.02, rel=0.3) and costs["draft"][1] == pytest.approx(0.1 * step)
+        assert costs["target"][6] - step == pytest.approx(0.05, abs=0.01)
+    with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0, ignores_ignore_eos=True) as url:
+        with pytest.raises(UserError, match="generated 1 tokens, not 33 .is ignore_eos honoured"):
+            EngineClock(url, vocab=49152, context=8).step(batch=1, repeats=1)

