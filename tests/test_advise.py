@@ -10,7 +10,16 @@ from conftest import ROOT, export_random_draft, run_env
 from test_evaluate import setup
 from test_tree import FULL, Hinted, prompt_of
 
-from traineagle3.advise import EngineClock, chain_rounds, draft_vocab, engine_costs, parse_trees, predict, recommend
+from traineagle3.advise import (
+    EngineClock,
+    answer_prompts,
+    chain_rounds,
+    draft_vocab,
+    engine_costs,
+    parse_trees,
+    predict,
+    recommend,
+)
 from traineagle3.cli import UserError
 from traineagle3.evaluate import greedy, speculative
 from traineagle3.features import AuxHooks, TargetFeatures
@@ -181,3 +190,20 @@ def test_the_engine_clock_times_a_decoding_step_and_the_extra_tokens_of_a_pass()
     with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0, ignores_ignore_eos=True) as url:
         with pytest.raises(UserError, match="generated 1 tokens, not 33 .is ignore_eos honoured"):
             EngineClock(url, vocab=49152, context=8).step(batch=1, repeats=1)
+
+
+def test_with_a_server_the_answers_are_the_servers_in_its_rendering(tiny_target, smol_tokenizer):
+    class Served:
+        def tokenize(self, messages):
+            return [7, 8, len(messages[0]["content"])]
+
+        def greedy(self, messages, prompt_ids, max_tokens):
+            return [prompt_ids[-1]] * max_tokens
+
+    target, _ = setup(tiny_target, FULL)
+    prompts = [{"id": 0, "turns": ["abc"]}, {"id": 1, "turns": ["hello"]}]
+    served = answer_prompts(target, smol_tokenizer, prompts, 2, "cpu", Served())
+    assert served == [([7, 8, 3], [3, 3]), ([7, 8, 5], [5, 5])]
+    here = answer_prompts(target, smol_tokenizer, prompts[:1], 4, "cpu")  # without one: the template and HF greedy
+    text = smol_tokenizer.decode(here[0][0])
+    assert text.endswith("<|im_start|>user\nabc<|im_end|>\n<|im_start|>assistant\n") and len(here[0][1]) == 4

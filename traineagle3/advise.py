@@ -4,12 +4,13 @@
         [--base-url URL] [--out advise.json]
 
 Acceptance.  The target answers the prompts greedily (first turns, as benchmark/ serves
-them), then the draft is unrolled once over each answer (TTT, ttt.py: the chain of guesses
-from every position).  The draft's state at the start of a round does not depend on k (the
-verified tokens enter its cache with the target's own features), so replaying greedy
-decoding with chains of k (acceptance.py) gives the served tau of every k = 1..7 from one
-unroll.  Trees (SGLang) are drafted by the offline tree evaluator (tree.py) on a few of the
-prompts: tau and acceptance per depth.
+them; with --base-url the server answers, in its own rendering and precision), then the
+draft is unrolled once over each answer (TTT, ttt.py: the chain of guesses from every
+position).  The draft's state at the start of a round does not depend on k (the verified
+tokens enter its cache with the target's own features), so replaying greedy decoding with
+chains of k (acceptance.py) gives the served tau of every k = 1..7 from one unroll.  Trees
+(SGLang) are drafted by the offline tree evaluator (tree.py) on a few of the prompts: tau
+and acceptance per depth.
 
 Costs.  One target pass over B sequences of n new tokens each, against a KV cache as long
 as the prompts' mean context, and one draft step of B sequences of m tokens, timed here in
@@ -53,13 +54,19 @@ MAX_K = 7
 TREES = ((2, 3, 6), (4, 4, 10), (4, 5, 16), (8, 6, 32))  # (topk, depth, num_draft_tokens)
 
 
-def answer_prompts(target, tokenizer, prompts: list[dict], max_new: int, device) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, the target's greedy answer ids) for each prompt's first turn."""
+def answer_prompts(
+    target, tokenizer, prompts: list[dict], max_new: int, device, server=None
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the target's greedy answer ids) for each prompt's first turn: the server's
+    rendering and answers when one is given (verify.py's client), else the HF target's here."""
     eos, pairs = _eos_ids(target, tokenizer), []
     for p in prompts:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p["turns"][0]}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": p["turns"][0]}]
+        if server is not None:
+            ids = server.tokenize(messages)
+            pairs.append((ids, server.greedy(messages, ids, max_new)))
+            continue
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pairs.append((ids, greedy(target, torch.tensor([ids], device=device), max_new, eos).tokens))
     return pairs
@@ -345,8 +352,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--base-url",
         default=None,
-        help="a running plain server of the target (vLLM or SGLang): decoding steps and verification "
-        "passes are timed on it instead of here",
+        help="a running plain server of the target (vLLM, or SGLang with --engine sglang): it answers the "
+        "prompts, and its decoding steps and verification passes are timed instead of ours",
     )
     p.add_argument("--out", default="advise.json")
     args = p.parse_args(argv)
@@ -370,8 +377,14 @@ def main(argv=None) -> None:
     engines = [args.engine] if args.engine else ["vllm", "sglang"]
     trees = args.trees if "sglang" in engines else []
 
-    print(f"the target answers {len(prompts)} prompts (up to {args.max_new_tokens} tokens)", flush=True)
-    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device)
+    where = f"on {args.base_url}" if args.base_url else "here"
+    print(f"the target answers {len(prompts)} prompts {where} (up to {args.max_new_tokens} tokens)", flush=True)
+    server = None
+    if args.base_url:
+        from .verify import ENGINES
+
+        server = ENGINES[args.engine or "vllm"](args.base_url)
+    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device, server)
     chains = chain_acceptance(target, draft, pairs)
     print("chains: " + ", ".join(f"k={k} tau {a['tau']:.2f}" for k, a in chains.items()), flush=True)
     tree_acc = {}
