@@ -11,6 +11,7 @@ from test_evaluate import setup
 from test_tree import FULL, Hinted, prompt_of
 
 from traineagle3.advise import (
+    EagleClock,
     EngineClock,
     answer_prompts,
     chain_rounds,
@@ -137,25 +138,40 @@ def test_advice_check_compares_the_prediction_with_each_served_k(tmp_path):
 
 
 @contextmanager
-def stand_in_engine(per_token: float, per_new_prompt_token: float, ignores_ignore_eos: bool = False):
+def stand_in_engine(
+    per_token: float, per_new_prompt_token: float, ignores_ignore_eos: bool = False, eagle_round: float | None = None
+):
     """An OpenAI completions server whose request takes per_new_prompt_token for each prompt token
-    past a prefix it has seen (its prefix cache: the first 8 tokens) plus per_token per generated token."""
-    seen = set()
+    past a prefix it has seen (its prefix cache: the first 8 tokens) plus per_token per generated token;
+    with `eagle_round`, a vLLM EAGLE-3 server (k = 3) whose rounds take that long and yield 2 tokens
+    each, counted in /metrics as vLLM does."""
+    seen, counts = set(), {"drafts": 0, "done": 0}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            self.reply({"data": [{"id": "stand-in"}]})
+            if self.path == "/metrics":
+                labels = 'engine="0",model_name="stand-in"'
+                text = f"vllm:spec_decode_num_drafts_total{{{labels}}} {counts['drafts']}.0\n"
+                text += "".join(
+                    f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position="{i}"}} 0.0\n'
+                    for i in range(3 if eagle_round else 0)
+                )
+                text += f'vllm:request_success_total{{{labels},finished_reason="length"}} {counts["done"]}.0\n'
+                return self.reply(text.encode())
+            self.reply(json.dumps({"data": [{"id": "stand-in"}]}).encode())
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             prompt, n = body["prompt"], body["max_tokens"]
             new = len(prompt) - 8 if tuple(prompt[:8]) in seen else len(prompt)
             seen.add(tuple(prompt[:8]))
-            time.sleep(new * per_new_prompt_token + n * per_token)
-            self.reply({"usage": {"completion_tokens": 1 if ignores_ignore_eos else n}})
+            rounds = (n // 2) if eagle_round else 0  # after the prefill's token, 2 per round
+            time.sleep(new * per_new_prompt_token + (rounds * eagle_round if eagle_round else n * per_token))
+            counts["drafts"] += rounds
+            counts["done"] += 1
+            self.reply(json.dumps({"usage": {"completion_tokens": 1 if ignores_ignore_eos else n}}).encode())
 
-        def reply(self, obj):
-            data = json.dumps(obj).encode()
+        def reply(self, data: bytes):
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -207,3 +223,21 @@ def test_with_a_server_the_answers_are_the_servers_in_its_rendering(tiny_target,
     here = answer_prompts(target, smol_tokenizer, prompts[:1], 4, "cpu")  # without one: the template and HF greedy
     text = smol_tokenizer.decode(here[0][0])
     assert text.endswith("<|im_start|>user\nabc<|im_end|>\n<|im_start|>assistant\n") and len(here[0][1]) == 4
+
+
+def test_with_an_eagle_server_a_draft_step_is_its_round_less_the_verification_pass():
+    with (
+        stand_in_engine(per_token=0.02, per_new_prompt_token=0.01) as plain,
+        stand_in_engine(per_token=0.02, per_new_prompt_token=0.01, eagle_round=0.08) as spec,
+    ):
+        clock, eagle = EngineClock(plain, 49152, 8), EagleClock(spec, 49152, 8)
+        assert eagle.k == 3
+        assert eagle.round(batch=2, repeats=1, tokens=11) == pytest.approx(0.08, abs=0.006)
+        offline = {"target": {1: 0.04, 4: 0.05}, "draft": {1: 0.004, 2: 0.006}}
+        costs = engine_costs(clock, offline, 2, [1, 4], 1, eagle)
+        # round 0.08 = a pass of 4 tokens (0.02 + 3 x 0.01) + 3 draft steps
+        assert costs["draft"][1] == pytest.approx(0.01, abs=0.004)
+        assert costs["draft"][2] == pytest.approx(1.5 * costs["draft"][1])
+    with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0) as plain:
+        with pytest.raises(UserError, match="no speculative decoding in /metrics"):
+            EagleClock(plain, 49152, 8)

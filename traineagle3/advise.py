@@ -17,7 +17,8 @@ as the prompts' mean context, and one draft step of B sequences of m tokens, tim
 the serving precision (median of --repeats).  With --base-url (a running plain server of
 the target) the decoding step and the passes of n tokens are timed on that engine instead
 (EngineClock), whose fixed cost per step is not ours; the draft step is then scaled from the
-one timed here by the engine's decoding step over ours.  With a round of k guesses costing
+one timed here by the engine's decoding step over ours, or, with --eagle-url (a vLLM server
+with the draft), timed there: a drafting round less its verification pass, per draft.  With a round of k guesses costing
 k draft steps and one verification pass of k+1 tokens, and a plain decoding step one pass of 1:
 
     speed-up(k, B)   = tau(k) T(B, 1) / (T(B, k+1) + k D(B, 1))
@@ -243,13 +244,47 @@ class EngineClock:
         return {n: max(after_prefix(n) - one, 0.0) if n > 1 else 0.0 for n in sizes}
 
 
-def engine_costs(clock: EngineClock, offline: dict, batch: int, sizes: list[int], repeats: int) -> dict:
-    """Costs on the engine: its decoding step and passes of n tokens, timed there; a draft step
-    (the plain server has no draft) scaled from the offline one by the engine's step over ours."""
+class EagleClock(EngineClock):
+    """A running vLLM server with the draft (at any k): one drafting round timed like a decoding
+    step, the rounds counted from its /metrics (verify.py's reader)."""
+
+    def __init__(self, url: str, vocab: int, context: int, seed: int = 1):
+        from .verify import VllmServer
+
+        super().__init__(url, vocab, context, seed)
+        self.metrics = VllmServer(url)
+        positions = self.metrics.counters()[2]
+        if not positions:
+            raise UserError(
+                f"{url} reports no speculative decoding in /metrics: --eagle-url takes a vLLM server with the draft"
+            )
+        self.k = max(positions) + 1
+
+    def round(self, batch: int, repeats: int, tokens: int = 33) -> float:
+        def once():
+            done, drafts, _ = self.metrics.counters()
+            many = self.together([self.fresh(self.context) for _ in range(batch)], tokens)
+            rounds = (self.metrics.spec_counts(done + batch)[0] - drafts) / batch
+            return (many - self.together([self.fresh(self.context) for _ in range(batch)], 1)) / rounds
+
+        return statistics.median(once() for _ in range(repeats))
+
+
+def engine_costs(
+    clock: EngineClock, offline: dict, batch: int, sizes: list[int], repeats: int, eagle: EagleClock | None = None
+) -> dict:
+    """Costs on the engine: its decoding step and passes of n tokens, timed there.  A draft step:
+    with `eagle`, a drafting round there less its verification pass, per draft; else (the plain
+    server has no draft) the offline one scaled by the engine's decoding step over ours."""
     step = clock.step(batch, repeats)
     extra = clock.extra(batch, sizes, repeats)
-    scale = step / offline["target"][1]
-    return {"target": {n: step + extra[n] for n in sizes}, "draft": {m: d * scale for m, d in offline["draft"].items()}}
+    target = {n: step + extra[n] for n in sizes}
+    if eagle:
+        draft_step = max((eagle.round(batch, repeats) - target[eagle.k + 1]) / eagle.k, 0.0)
+        scale = draft_step / offline["draft"][1]
+    else:
+        scale = step / offline["target"][1]
+    return {"target": target, "draft": {m: d * scale for m, d in offline["draft"].items()}}
 
 
 def predict(chains: dict[int, dict], trees: dict, costs: dict) -> list[dict]:
@@ -355,8 +390,16 @@ def main(argv=None) -> None:
         help="a running plain server of the target (vLLM, or SGLang with --engine sglang): it answers the "
         "prompts, and its decoding steps and verification passes are timed instead of ours",
     )
+    p.add_argument(
+        "--eagle-url",
+        default=None,
+        help="with --base-url: a running vLLM server of the target with this draft (any k); a draft step "
+        "is then timed there (a drafting round less its verification pass) instead of scaled from ours",
+    )
     p.add_argument("--out", default="advise.json")
     args = p.parse_args(argv)
+    if args.eagle_url and not args.base_url:
+        p.error("--eagle-url needs --base-url (the plain server the decoding step is timed on)")
     try:
         concurrency = sorted({int(c) for c in args.concurrency.split()})
     except ValueError:
@@ -395,6 +438,9 @@ def main(argv=None) -> None:
     context = round(statistics.mean(len(q) + len(a) / 2 for q, a in pairs))
     sizes = sorted({k + 1 for k in chains} | {1} | {t[2] for t in trees})
     clock = EngineClock(args.base_url, target.config.vocab_size, context) if args.base_url else None
+    eagle = EagleClock(args.eagle_url, target.config.vocab_size, context) if args.eagle_url else None
+    if eagle:
+        sizes = sorted(set(sizes) | {eagle.k + 1})
     costs, offline = {}, {}
     for B in concurrency:
         offline[B] = costs[B] = {
@@ -402,7 +448,7 @@ def main(argv=None) -> None:
             "draft": draft_costs(draft, B, context, sorted({1} | {t[0] for t in trees}), args.repeats, device),
         }
         if clock:
-            costs[B] = engine_costs(clock, offline[B], B, sizes, args.repeats)
+            costs[B] = engine_costs(clock, offline[B], B, sizes, args.repeats, eagle)
         print(
             f"costs at concurrency {B}: plain step {costs[B]['target'][1] * 1e3:.1f} ms"
             + (f" on {args.base_url} ({offline[B]['target'][1] * 1e3:.1f} ms here)" if clock else ""),
@@ -415,6 +461,7 @@ def main(argv=None) -> None:
         "chains": chains,
         "trees": [{"tree": list(t), **a} for t, a in tree_acc.items()],
         "costs_from": args.base_url or "offline",
+        "draft_step_from": args.eagle_url or ("scaled" if args.base_url else "offline"),
         "costs_s": {B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in costs.items()},
         "offline_costs_s": {
             B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in offline.items()
