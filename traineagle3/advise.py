@@ -43,10 +43,8 @@ import torch
 from .acceptance import replay_rounds
 from .cli import Parser, UserError, cli, number
 from .draft import KVCache
-from .evaluate import _eos_ids, draft_for, greedy, summarize, tree_speculative
-from .export import find_draft_folder
+from .evaluate import _eos_ids, dtype_arg, greedy, load_models, model_args, summarize, tree_speculative
 from .features import AuxHooks, TargetFeatures
-from .precision import choose as choose_precision
 from .records import read_prompts
 from .ttt import ttt_unroll
 from .vocab import VocabMap
@@ -363,14 +361,8 @@ def parse_trees(text: str) -> list[tuple[int, int, int]]:
 
 @cli
 def main(argv=None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .default_model import resolve_target
-
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
-    p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
+    model_args(p)
     p.add_argument("--engine", choices=["vllm", "sglang"], default=None, help="recommend for one engine (default both)")
     p.add_argument("--num-prompts", type=number(int, 1), default=20)
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="answer length, as served")
@@ -378,12 +370,7 @@ def main(argv=None) -> None:
     p.add_argument("--trees", type=parse_trees, default=list(TREES), help="'topk,depth,N ...' trees to draft (SGLang)")
     p.add_argument("--tree-prompts", type=number(int, 0), default=5, help="prompts the trees are drafted on")
     p.add_argument("--repeats", type=number(int, 1), default=5, help="timings per cost (their median counts)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="the serving precision; auto: bfloat16 on GPUs and AMX CPUs, else float32",
-    )
+    dtype_arg(p, "the serving precision; ")
     p.add_argument(
         "--base-url",
         default=None,
@@ -409,14 +396,9 @@ def main(argv=None) -> None:
     prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
     if not prompts:
         raise UserError(f"{args.prompts}: no usable prompts")
-    folder = find_draft_folder(args.draft)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name, why = choose_precision(device.type, args.dtype)
+    tokenizer, target, draft, dtype_name, why = load_models(args, device)
     print(f"precision: {dtype_name} ({why})", flush=True)
-    path = resolve_target(args.target)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    target = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).to(device).eval()
-    draft = draft_for(folder, target, device, getattr(torch, dtype_name))
     engines = [args.engine] if args.engine else ["vllm", "sglang"]
     trees = args.trees if "sglang" in engines else []
 

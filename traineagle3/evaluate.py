@@ -298,16 +298,41 @@ def draft_for(folder: Path, target, device, dtype):
     return draft
 
 
-@cli
-def main(argv=None) -> None:
+def model_args(p: Parser) -> None:
+    """The flags naming the target, the draft and the prompts (evaluate's and advise's)."""
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
+    p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
+
+
+def dtype_arg(p: Parser, text: str = "") -> None:
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help=f"{text}auto: bfloat16 on GPUs and AMX CPUs, else float32 (traineagle3/precision.py)",
+    )
+
+
+def load_models(args, device) -> tuple:
+    """(tokenizer, target, draft, dtype name, why that dtype) for --target, --draft and --dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_model import resolve_target
 
+    folder = find_draft_folder(args.draft)
+    name, why = choose_precision(device.type, args.dtype)
+    dtype = getattr(torch, name)
+    path = resolve_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return tokenizer, target, draft_for(folder, target, device, dtype), name, why
+
+
+@cli
+def main(argv=None) -> None:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True, help="trained or exported draft folder (or a training output dir)")
-    p.add_argument("--prompts", required=True, help="MT-bench question.jsonl, or ShareGPT/OpenAI JSON/JSONL")
+    model_args(p)
     p.add_argument("--num-speculative-tokens", type=number(int, 1), default=3)
     p.add_argument("--topk", type=number(int, 1), default=None, help="tree drafting: children per expanded node")
     p.add_argument("--depth", type=number(int, 1), default=None, help="tree drafting: draft levels")
@@ -323,12 +348,7 @@ def main(argv=None) -> None:
         help="MT-bench turns per question (default all; 1 = first turns, as benchmark/ serves)",
     )
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on GPUs and AMX CPUs, else float32 (traineagle3/precision.py)",
-    )
+    dtype_arg(p)
     p.add_argument("--out", default="eval.json")
     args = p.parse_args(argv)
     if args.temperature != 0:
@@ -339,13 +359,8 @@ def main(argv=None) -> None:
     prompts = read_prompts(args.prompts, args.num_prompts, args.max_turns)  # the user's files first, before any model
     if not prompts:
         raise UserError(f"{args.prompts}: no usable prompts")
-    folder = find_draft_folder(args.draft)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, choose_precision(device.type, args.dtype)[0])
-    path = resolve_target(args.target)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    draft = draft_for(folder, target, device, dtype)
+    tokenizer, target, draft, _, _ = load_models(args, device)
     result = evaluate(
         target,
         tokenizer,
