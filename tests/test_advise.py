@@ -1,12 +1,11 @@
 import json
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from conftest import ROOT, export_random_draft, run_env
+from stand_in import stand_in
 from test_evaluate import setup
 from test_tree import FULL, Hinted, prompt_of
 
@@ -147,46 +146,30 @@ def stand_in_engine(
     each, counted in /metrics as vLLM does."""
     seen, counts = set(), {"drafts": 0, "done": 0}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/metrics":
-                labels = 'engine="0",model_name="stand-in"'
-                text = f"vllm:spec_decode_num_drafts_total{{{labels}}} {counts['drafts']}.0\n"
-                text += "".join(
-                    f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position="{i}"}} 0.0\n'
-                    for i in range(3 if eagle_round else 0)
-                )
-                text += f'vllm:request_success_total{{{labels},finished_reason="length"}} {counts["done"]}.0\n'
-                return self.reply(text.encode())
-            self.reply(json.dumps({"data": [{"id": "stand-in"}]}).encode())
+    def answer(path: str, body: dict | None):
+        if path == "/metrics":
+            labels = 'engine="0",model_name="stand-in"'
+            text = f"vllm:spec_decode_num_drafts_total{{{labels}}} {counts['drafts']}.0\n"
+            text += "".join(
+                f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position="{i}"}} 0.0\n'
+                for i in range(3 if eagle_round else 0)
+            )
+            return (
+                text + f'vllm:request_success_total{{{labels},finished_reason="length"}} {counts["done"]}.0\n'
+            ).encode()
+        if body is None:
+            return {"data": [{"id": "stand-in"}]}
+        prompt, n = body["prompt"], body["max_tokens"]
+        new = len(prompt) - 8 if tuple(prompt[:8]) in seen else len(prompt)
+        seen.add(tuple(prompt[:8]))
+        rounds = (n // 2) if eagle_round else 0  # after the prefill's token, 2 per round
+        time.sleep(new * per_new_prompt_token + (rounds * eagle_round if eagle_round else n * per_token))
+        counts["drafts"] += rounds
+        counts["done"] += 1
+        return {"usage": {"completion_tokens": 1 if ignores_ignore_eos else n}}
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt, n = body["prompt"], body["max_tokens"]
-            new = len(prompt) - 8 if tuple(prompt[:8]) in seen else len(prompt)
-            seen.add(tuple(prompt[:8]))
-            rounds = (n // 2) if eagle_round else 0  # after the prefill's token, 2 per round
-            time.sleep(new * per_new_prompt_token + (rounds * eagle_round if eagle_round else n * per_token))
-            counts["drafts"] += rounds
-            counts["done"] += 1
-            self.reply(json.dumps({"usage": {"completion_tokens": 1 if ignores_ignore_eos else n}}).encode())
-
-        def reply(self, data: bytes):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stand_in(answer) as (url, _):
+        yield url + "/v1"
 
 
 def test_the_engine_clock_times_a_decoding_step_and_the_extra_tokens_of_a_pass():

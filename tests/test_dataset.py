@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from conftest import ROOT, run_env
+from stand_in import stand_in
 from vllm_server import vllm_server
 
 from dataset.clean import clean
@@ -305,50 +303,21 @@ def test_regeneration_killed_with_sigkill_resumes_without_loss_or_duplicates(ser
     assert rec["conversations"][-1]["role"] == "assistant" and rec["conversations"][-1]["content"].strip()
 
 
-@contextmanager
-def stand_in_chat_server(delay: float = 0.1):
-    """An OpenAI-style /v1/chat/completions that answers every request alike, slowly enough to be
-    stopped mid-run; yields (base URL, stop).  After stop() connections are refused, as from a dead server."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(delay)
-            body = json.dumps(
-                {
-                    "choices": [{"message": {"content": "a stand-in answer"}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 4},
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", stop
-    finally:
-        if thread.is_alive():
-            stop()
+def slow_chat_answer(path: str, body: dict | None) -> dict:
+    """A stand-in /v1/chat/completions: every request answered alike, slowly enough to be stopped mid-run."""
+    time.sleep(0.1)
+    return {
+        "choices": [{"message": {"content": "a stand-in answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 4},
+    }
 
 
 def test_a_server_stopped_mid_run_fails_conversations_into_the_failures_file(served, chat_jsonl, tmp_path):
     """The first server dies mid-run (a stand-in: what matters is the regenerator's side); the rest
     fail into the failures file, and a rerun on a live server completes them."""
     out = tmp_path / "regen.jsonl"
-    with stand_in_chat_server() as (url, stop_server):
+    with stand_in(slow_chat_answer) as (url, stop_server):
+        url += "/v1"
         proc = subprocess.Popen(
             regen_cmd(url, chat_jsonl, out, "--concurrency", "2", "--max-retries", "2"),
             cwd=ROOT,

@@ -4,13 +4,12 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 from conftest import ROOT, run_env
+from stand_in import stand_in
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_server import vllm_server
 
@@ -326,30 +325,8 @@ def sglang_standin(target_path, draft=None, k: int = 3, topk: int = 1, system: s
         meta = {"spec_verify_ct": len(gen.accepted), "spec_correct_drafts_histogram": hist}
         return {"output_ids": gen.tokens, "meta_info": meta}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.reply(answer(self.path, None))
-
-        def do_POST(self):
-            self.reply(answer(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-
-        def reply(self, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
+    with stand_in(answer) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
