@@ -176,7 +176,7 @@ def test_the_engine_clock_times_a_decoding_step_and_the_extra_tokens_of_a_pass()
     """Sleeps long enough (30-50 ms a token) and medians of 3 that a loaded machine's jitter stays small."""
     with stand_in_engine(per_token=0.05, per_new_prompt_token=0.03) as url:
         clock = EngineClock(url, vocab=49152, context=8)
-        assert clock.model == "stand-in"
+        assert clock.server.model == "stand-in"
         assert clock.step(batch=2, repeats=3, tokens=7) == pytest.approx(0.05, rel=0.2)
         extra = clock.extra(batch=2, sizes=[1, 3, 6], repeats=3)
         assert extra[1] == 0 and extra[3] == pytest.approx(0.06, abs=0.015)

@@ -192,28 +192,19 @@ class EngineClock:
     def __init__(self, url: str, vocab: int, context: int, seed: int = 0):
         import random
 
-        self.url = url.rstrip("/").removesuffix("/v1")
-        self.model = self._get("/v1/models")["data"][0]["id"]
+        from .verify import VllmServer
+
+        self.server = VllmServer(url)  # verify.py's client: the served name; /metrics for EagleClock
         self.rng, self.vocab, self.context = random.Random(seed), vocab, context
-
-    def _get(self, path: str) -> dict:
-        from urllib.request import urlopen
-
-        with urlopen(f"{self.url}{path}", timeout=60) as r:
-            return json.load(r)
 
     def fresh(self, n: int) -> list[int]:
         return [self.rng.randrange(1000, self.vocab - 1000) for _ in range(n)]
 
     def _complete(self, prompt: list[int], max_tokens: int) -> None:
-        from urllib.request import Request, urlopen
-
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        request = Request(f"{self.url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urlopen(request, timeout=600) as r:
-            got = json.load(r)["usage"]["completion_tokens"]
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        got = self.server.post("/v1/completions", {"model": self.server.model, **body})["usage"]["completion_tokens"]
         if got != max_tokens:
-            raise UserError(f"{self.url} generated {got} tokens, not {max_tokens} (is ignore_eos honoured?)")
+            raise UserError(f"{self.server.root} generated {got} tokens, not {max_tokens} (is ignore_eos honoured?)")
 
     def together(self, prompts: list[list[int]], max_tokens: int) -> float:
         from concurrent.futures import ThreadPoolExecutor
@@ -247,11 +238,8 @@ class EagleClock(EngineClock):
     step, the rounds counted from its /metrics (verify.py's reader)."""
 
     def __init__(self, url: str, vocab: int, context: int, seed: int = 1):
-        from .verify import VllmServer
-
         super().__init__(url, vocab, context, seed)
-        self.metrics = VllmServer(url)
-        positions = self.metrics.counters()[2]
+        positions = self.server.counters()[2]
         if not positions:
             raise UserError(
                 f"{url} reports no speculative decoding in /metrics: --eagle-url takes a vLLM server with the draft"
@@ -260,9 +248,9 @@ class EagleClock(EngineClock):
 
     def round(self, batch: int, repeats: int, tokens: int = 33) -> float:
         def once():
-            done, drafts, _ = self.metrics.counters()
+            done, drafts, _ = self.server.counters()
             many = self.together([self.fresh(self.context) for _ in range(batch)], tokens)
-            rounds = (self.metrics.spec_counts(done + batch)[0] - drafts) / batch
+            rounds = (self.server.spec_counts(done + batch)[0] - drafts) / batch
             return (many - self.together([self.fresh(self.context) for _ in range(batch)], 1)) / rounds
 
         return statistics.median(once() for _ in range(repeats))
