@@ -136,6 +136,9 @@ def test_advice_check_compares_the_prediction_with_each_served_k(tmp_path):
     assert advice_check([str(tmp_path / "advise.json"), str(tmp_path / "none")]) == 1
 
 
+USERS = [list(range(1000, 1012)), list(range(2000, 2020)), list(range(3000, 3015))]  # prompts' ids, as rendered
+
+
 @contextmanager
 def stand_in_engine(
     per_token: float, per_new_prompt_token: float, ignores_ignore_eos: bool = False, eagle_round: float | None = None
@@ -145,6 +148,7 @@ def stand_in_engine(
     with `eagle_round`, a vLLM EAGLE-3 server (k = 3) whose rounds take that long and yield 2 tokens
     each, counted in /metrics as vLLM does."""
     seen, counts = set(), {"drafts": 0, "done": 0}
+    asked = []  # the prompts of the timed requests, in order
 
     def answer(path: str, body: dict | None):
         if path == "/metrics":
@@ -160,6 +164,7 @@ def stand_in_engine(
         if body is None:
             return {"data": [{"id": "stand-in"}]}
         prompt, n = body["prompt"], body["max_tokens"]
+        asked.append(prompt)
         new = len(prompt) - 8 if tuple(prompt[:8]) in seen else len(prompt)
         seen.add(tuple(prompt[:8]))
         rounds = (n // 2) if eagle_round else 0  # after the prefill's token, 2 per round
@@ -169,15 +174,16 @@ def stand_in_engine(
         return {"usage": {"completion_tokens": 1 if ignores_ignore_eos else n}}
 
     with stand_in(answer) as (url, _):
-        yield url + "/v1"
+        yield url + "/v1", asked
 
 
 def test_the_engine_clock_times_a_decoding_step_and_the_extra_tokens_of_a_pass():
     """Sleeps long enough (30-50 ms a token) and medians of 3 that a loaded machine's jitter stays small."""
-    with stand_in_engine(per_token=0.05, per_new_prompt_token=0.03) as url:
-        clock = EngineClock(url, vocab=49152, context=8)
+    with stand_in_engine(per_token=0.05, per_new_prompt_token=0.03) as (url, asked):
+        clock = EngineClock(url, vocab=49152, context=8, prompts=USERS)
         assert clock.server.model == "stand-in"
         assert clock.step(batch=2, repeats=3, tokens=7) == pytest.approx(0.05, rel=0.2)
+        assert {tuple(p) for p in asked} == {tuple(p) for p in USERS}  # the step is timed on the user's prompts
         extra = clock.extra(batch=2, sizes=[1, 3, 6], repeats=3)
         assert extra[1] == 0 and extra[3] == pytest.approx(0.06, abs=0.015)
         assert extra[6] == pytest.approx(0.15, abs=0.02)
@@ -186,9 +192,9 @@ def test_the_engine_clock_times_a_decoding_step_and_the_extra_tokens_of_a_pass()
         step = costs["target"][1]
         assert step == pytest.approx(0.05, rel=0.2) and costs["draft"][1] == pytest.approx(0.1 * step)
         assert costs["target"][6] - step == pytest.approx(0.15, abs=0.02)
-    with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0, ignores_ignore_eos=True) as url:
+    with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0, ignores_ignore_eos=True) as (url, _):
         with pytest.raises(UserError, match="generated 1 tokens, not 33 .is ignore_eos honoured"):
-            EngineClock(url, vocab=49152, context=8).step(batch=1, repeats=1)
+            EngineClock(url, vocab=49152, context=8, prompts=USERS).step(batch=1, repeats=1)
 
 
 def test_with_a_server_the_answers_are_the_servers_in_its_rendering(tiny_target, smol_tokenizer):
@@ -210,17 +216,18 @@ def test_with_a_server_the_answers_are_the_servers_in_its_rendering(tiny_target,
 
 def test_with_an_eagle_server_a_draft_step_is_its_round_less_the_verification_pass():
     with (
-        stand_in_engine(per_token=0.05, per_new_prompt_token=0.03) as plain,
-        stand_in_engine(per_token=0.05, per_new_prompt_token=0.03, eagle_round=0.2) as spec,
+        stand_in_engine(per_token=0.05, per_new_prompt_token=0.03) as (plain, _),
+        stand_in_engine(per_token=0.05, per_new_prompt_token=0.03, eagle_round=0.2) as (spec, asked),
     ):
-        clock, eagle = EngineClock(plain, 49152, 8), EagleClock(spec, 49152, 8)
+        clock, eagle = EngineClock(plain, 49152, 8, USERS), EagleClock(spec, 49152, 8, USERS)
         assert eagle.k == 3
-        assert eagle.round(batch=2, repeats=3, tokens=7) == pytest.approx(0.2, abs=0.015)
+        assert eagle.step(batch=2, repeats=3, tokens=7) == pytest.approx(0.2, abs=0.015)
+        assert {tuple(p) for p in asked} == {tuple(p) for p in USERS}
         offline = {"target": {1: 0.1, 4: 0.12}, "draft": {1: 0.01, 2: 0.015}}
         costs = engine_costs(clock, offline, 2, [1, 4], 3, eagle)
         # round 0.2 = a pass of 4 tokens (0.05 + 3 x 0.03) + 3 draft steps
         assert costs["draft"][1] == pytest.approx(0.02, abs=0.008)
         assert costs["draft"][2] == pytest.approx(1.5 * costs["draft"][1])
-    with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0) as plain:
+    with stand_in_engine(per_token=0.001, per_new_prompt_token=0.0) as (plain, _):
         with pytest.raises(UserError, match="no speculative decoding in /metrics"):
-            EagleClock(plain, 49152, 8)
+            EagleClock(plain, 49152, 8, USERS)

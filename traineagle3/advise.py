@@ -179,23 +179,26 @@ def draft_costs(draft, batch: int, context: int, sizes: list[int], repeats: int,
 
 class EngineClock:
     """A running plain server (vLLM or SGLang, OpenAI completions API) timed from outside:
-    prompts of random token ids (away from the special ids at either end of the vocabulary),
     greedy, `ignore_eos`, `batch` requests at once.
 
-    A decoding step is (time of `tokens` tokens - time of 1) / (tokens - 1), each with a fresh
-    prompt so both include the same prefill.  The extra cost of a pass of n new tokens over a
-    pass of 1 is timed after a prefix the engine has cached (prefix caching): prefix + n fresh
-    tokens vs prefix + 1, one token generated; what prefix caching does not cover is the same
-    in both and cancels.
+    A decoding round is timed on the user's own prompts: (time of `tokens` tokens - time of 1)
+    over the rounds between them (on a plain server, one a token), both after the prompts are
+    in the engine's prefix cache, so both include the same (cached) prefill.  The extra cost of
+    a pass of n new tokens over a pass of 1 is timed after a prefix of random token ids (away
+    from the special ids at either end of the vocabulary) that the engine has cached: prefix +
+    n fresh tokens vs prefix + 1, one token generated; what prefix caching does not cover is the
+    same in both and cancels.
     """
 
-    def __init__(self, url: str, vocab: int, context: int, seed: int = 0):
+    def __init__(self, url: str, vocab: int, context: int, prompts: list[list[int]], seed: int = 0):
+        import itertools
         import random
 
         from .verify import VllmServer
 
         self.server = VllmServer(url)  # verify.py's client: the served name; /metrics for EagleClock
         self.rng, self.vocab, self.context = random.Random(seed), vocab, context
+        self.prompts = itertools.cycle(prompts)
 
     def fresh(self, n: int) -> list[int]:
         return [self.rng.randrange(1000, self.vocab - 1000) for _ in range(n)]
@@ -214,12 +217,24 @@ class EngineClock:
             list(pool.map(lambda p: self._complete(p, max_tokens), prompts))
         return time.perf_counter() - start
 
-    def step(self, batch: int, repeats: int, tokens: int = 33) -> float:
-        def once():
-            many = self.together([self.fresh(self.context) for _ in range(batch)], tokens)
-            return (many - self.together([self.fresh(self.context) for _ in range(batch)], 1)) / (tokens - 1)
+    def counted(self):
+        """What rounds() needs from before the timed request (a plain server: nothing)."""
 
-        return statistics.median(once() for _ in range(repeats))
+    def rounds(self, before, batch: int, tokens: int) -> float:
+        """Decoding rounds of each sequence since `before`: after the prefill's token, one a token."""
+        return tokens - 1
+
+    def round(self, batch: int, tokens: int = 33) -> float:
+        """Seconds of one decoding round of the next `batch` of the user's prompts, decoded together."""
+        prompts = [next(self.prompts) for _ in range(batch)]
+        self.together(prompts, 1)  # into the prefix cache
+        one = self.together(prompts, 1)
+        before = self.counted()
+        many = self.together(prompts, tokens)
+        return (many - one) / self.rounds(before, batch, tokens)
+
+    def step(self, batch: int, repeats: int, tokens: int = 33) -> float:
+        return statistics.median(self.round(batch, tokens) for _ in range(repeats))
 
     def extra(self, batch: int, sizes: list[int], repeats: int) -> dict[int, float]:
         """n -> seconds a pass of n new tokens takes over a pass of 1."""
@@ -234,11 +249,11 @@ class EngineClock:
 
 
 class EagleClock(EngineClock):
-    """A running vLLM server with the draft (at any k): one drafting round timed like a decoding
-    step, the rounds counted from its /metrics (verify.py's reader)."""
+    """A running vLLM server with the draft (at any k): its drafting rounds timed like decoding
+    steps, counted from its /metrics (verify.py's reader)."""
 
-    def __init__(self, url: str, vocab: int, context: int, seed: int = 1):
-        super().__init__(url, vocab, context, seed)
+    def __init__(self, url: str, vocab: int, context: int, prompts: list[list[int]], seed: int = 1):
+        super().__init__(url, vocab, context, prompts, seed)
         positions = self.server.counters()[2]
         if not positions:
             raise UserError(
@@ -246,14 +261,12 @@ class EagleClock(EngineClock):
             )
         self.k = max(positions) + 1
 
-    def round(self, batch: int, repeats: int, tokens: int = 33) -> float:
-        def once():
-            done, drafts, _ = self.server.counters()
-            many = self.together([self.fresh(self.context) for _ in range(batch)], tokens)
-            rounds = (self.server.spec_counts(done + batch)[0] - drafts) / batch
-            return (many - self.together([self.fresh(self.context) for _ in range(batch)], 1)) / rounds
+    def counted(self):
+        return self.server.counters()[:2]  # requests finished, drafting rounds
 
-        return statistics.median(once() for _ in range(repeats))
+    def rounds(self, before, batch: int, tokens: int) -> float:
+        done, drafts = before
+        return (self.server.spec_counts(done + batch)[0] - drafts) / batch
 
 
 def engine_costs(
@@ -261,12 +274,22 @@ def engine_costs(
 ) -> dict:
     """Costs on the engine: its decoding step and passes of n tokens, timed there.  A draft step:
     with `eagle`, a drafting round there less its verification pass, per draft; else (the plain
-    server has no draft) the offline one scaled by the engine's decoding step over ours."""
-    step = clock.step(batch, repeats)
+    server has no draft) the offline one scaled by the engine's decoding step over ours.
+
+    The draft step is the small difference of two large timings (~a tenth of a decoding step
+    on a 135M target), so the plain and the drafting rounds are timed in turns on the same
+    prompts, and their ratio is what counts: a change in the machine's speed falls on both.
+    """
     extra = clock.extra(batch, sizes, repeats)
+    if eagle:
+        turns = [(clock.round(batch), eagle.round(batch)) for _ in range(repeats)]
+        step = statistics.median(s for s, _ in turns)
+        rounds = step * statistics.median(r / s for s, r in turns)
+    else:
+        step = clock.step(batch, repeats)
     target = {n: step + extra[n] for n in sizes}
     if eagle:
-        draft_step = max((eagle.round(batch, repeats) - target[eagle.k + 1]) / eagle.k, 0.0)
+        draft_step = max((rounds - target[eagle.k + 1]) / eagle.k, 0.0)
         scale = draft_step / offline["draft"][1]
     else:
         scale = step / offline["target"][1]
@@ -407,8 +430,9 @@ def main(argv=None) -> None:
 
     context = round(statistics.mean(len(q) + len(a) / 2 for q, a in pairs))
     sizes = sorted({k + 1 for k in chains} | {1} | {t[2] for t in trees})
-    clock = EngineClock(args.base_url, target.config.vocab_size, context) if args.base_url else None
-    eagle = EagleClock(args.eagle_url, target.config.vocab_size, context) if args.eagle_url else None
+    asked = [q for q, _ in pairs]  # in the server's rendering with --base-url
+    clock = EngineClock(args.base_url, target.config.vocab_size, context, asked) if args.base_url else None
+    eagle = EagleClock(args.eagle_url, target.config.vocab_size, context, asked) if args.eagle_url else None
     if eagle:
         sizes = sorted(set(sizes) | {eagle.k + 1})
     costs, offline = {}, {}
