@@ -1,12 +1,14 @@
 """traineagle3.advise's predictions against served measurements: tau and speed-up per k.
 
-    python -m benchmark.advice_check advise.json outputs/sweep_k
+    python -m benchmark.advice_check advise.json outputs/sweep_k [more sweeps ...] [--out DIR]
 
-The folder holds one benchmark.sh result folder per k (`k<k>/compare.json`, as
-benchmark/vllm/sweep_k.sh writes them).  For each k and concurrency measured: predicted and
-served tau and speed-up, and the speed-up's error (predicted / served - 1); then whether the
-advisor's recommended k is the served best, or how far behind it is.  Writes
-advice_check.{md,json} in the folder.
+A folder holds one benchmark.sh result folder per k (`k<k>/compare.json`, as
+benchmark/vllm/sweep_k.sh writes them).  Several folders (sweeps of the same prompts at other
+times) are averaged per k: on a shared machine one sweep's speed-ups move by more than the
+error being checked.  For each k and concurrency measured: predicted and served tau and
+speed-up, and the speed-up's error (predicted / served - 1); then whether the advisor's
+recommended k is the served best, or how far behind it is.  Writes advice_check.{md,json} in
+--out (default: the first folder).
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ def measured(folder: Path) -> dict[tuple[int, int], dict]:
     return out
 
 
+def averaged(sweeps: list[dict[tuple[int, int], dict]]) -> dict[tuple[int, int], dict]:
+    """(k, concurrency) -> mean tau and speed-up over the sweeps that served it, and each sweep's speed-up."""
+    out = {}
+    for key in sorted(set().union(*sweeps)):
+        runs = [s[key] for s in sweeps if key in s]
+        out[key] = {
+            "tau": sum(r["tau"] for r in runs) / len(runs),
+            "speedup": sum(r["speedup"] for r in runs) / len(runs),
+            "speedup_per_sweep": [r["speedup"] for r in runs],
+        }
+    return out
+
+
 def check(advice: dict, served: dict[tuple[int, int], dict]) -> dict:
     predicted = {(r["k"], r["concurrency"]): r for r in advice["predictions"] if "k" in r}
     rows = []
@@ -39,6 +54,7 @@ def check(advice: dict, served: dict[tuple[int, int], dict]) -> dict:
         rows.append(
             {"k": k, "concurrency": c, "tau_predicted": p["tau"], "tau_served": s["tau"]}
             | {"speedup_predicted": p["speedup"], "speedup_served": s["speedup"]}
+            | {"speedup_per_sweep": s.get("speedup_per_sweep", [s["speedup"]])}
             | {"error": p["speedup"] / s["speedup"] - 1}
         )
     verdicts = {}
@@ -61,9 +77,11 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        runs = r["speedup_per_sweep"]
+        per_sweep = f" ({' '.join(f'{x:.2f}' for x in runs)})" if len(runs) > 1 else ""
         lines.append(
             f"| {r['k']} | {r['concurrency']} | {r['tau_predicted']:.2f} | {r['tau_served']:.2f} | "
-            f"{r['speedup_predicted']:.2f}x | {r['speedup_served']:.2f}x | {r['error']:+.1%} |"
+            f"{r['speedup_predicted']:.2f}x | {r['speedup_served']:.2f}x{per_sweep} | {r['error']:+.1%} |"
         )
     errors = [abs(r["error"]) for r in result["rows"]]
     if errors:
@@ -79,16 +97,20 @@ def table(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("advice", type=Path, help="traineagle3.advise --out JSON")
-    p.add_argument("folder", type=Path, help="sweep_k.sh's folder (k<k>/compare.json)")
+    p.add_argument("folders", type=Path, nargs="+", help="sweep_k.sh's folders (k<k>/compare.json), averaged")
+    p.add_argument("--out", type=Path, default=None, help="where advice_check.{md,json} go (default: the first folder)")
     a = p.parse_args(argv)
-    served = measured(a.folder)
-    if not served:
-        print(f"error: no k<k>/compare.json with an EAGLE-3 row under {a.folder}", file=sys.stderr)
-        return 1
-    result = check(json.loads(a.advice.read_text()), served)
+    sweeps = [measured(folder) for folder in a.folders]
+    for folder, sweep in zip(a.folders, sweeps):
+        if not sweep:
+            print(f"error: no k<k>/compare.json with an EAGLE-3 row under {folder}", file=sys.stderr)
+            return 1
+    result = check(json.loads(a.advice.read_text()), averaged(sweeps))
     text = table(result)
-    (a.folder / "advice_check.md").write_text(text + "\n")
-    (a.folder / "advice_check.json").write_text(json.dumps(result, indent=1))
+    out = a.out or a.folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "advice_check.md").write_text(text + "\n")
+    (out / "advice_check.json").write_text(json.dumps(result, indent=1))
     print(text)
     return 0
 

@@ -134,6 +134,18 @@ def test_advice_check_compares_the_prediction_with_each_served_k(tmp_path):
     assert verdict["behind_best"] == pytest.approx(1 - 1.20 / 1.25)
     assert "k=3, served best k=2 (4.0% behind" in (tmp_path / "advice_check.md").read_text()
     assert advice_check([str(tmp_path / "advise.json"), str(tmp_path / "none")]) == 1
+    # a second sweep of the same prompts: averaged per k
+    again = tmp_path / "again"
+    (again / "k2").mkdir(parents=True)
+    rows = [{"server": "eagle3", "concurrency": 1, "speedup": 1.35, "acceptance_length": 1.7}]
+    (again / "k2" / "compare.json").write_text(json.dumps(rows))
+    out = ["--out", str(tmp_path / "both")]
+    assert advice_check([str(tmp_path / "advise.json"), str(tmp_path), str(again), *out]) == 0
+    both = json.loads((tmp_path / "both" / "advice_check.json").read_text())
+    k2 = both["rows"][1]
+    assert k2["speedup_served"] == pytest.approx(1.30) and k2["speedup_per_sweep"] == [1.25, 1.35]
+    assert k2["tau_served"] == pytest.approx(1.65) and both["rows"][0]["speedup_served"] == 1.10
+    assert "| 1.30x (1.25 1.35) |" in (tmp_path / "both" / "advice_check.md").read_text()
 
 
 USERS = [list(range(1000, 1012)), list(range(2000, 2020)), list(range(3000, 3015))]  # prompts' ids, as rendered

@@ -20,6 +20,9 @@ FILES = {
     "typo.json": json.dumps({"max_lenght": 512}),
     "half.json": '{"ttt_steps": ',
     "option.json": json.dumps({"fc_norm": "false"}),
+    "muon.json": json.dumps(
+        {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5, "optimizer": {"type": "Muon", "params": {}}}
+    ),
 }
 BASE = [
     "--deepspeed_config",
@@ -46,6 +49,10 @@ EARLY = {  # all found before the process group, the data and the models
     "missing target folder": (["--target", "./nope"], "error: ./nope: no such model folder"),
     "folder with no model": (["--target", "empty"], "error: empty: no config.json: not a model folder"),
     "missing train_data": (["--train_data", "nope.jsonl"], "error: nope.jsonl: no such file"),
+    "Muon with gradient clipping": (
+        ["--deepspeed_config", "muon.json"],
+        "error: muon.json: gradient_clipping 0.5 with the Muon optimizer clips Muon's orthogonalized updates",
+    ),
     "draft_config not JSON": (["--draft_config", "half.json"], "error: half.json: not valid JSON"),
     "draft option not a boolean": (
         ["--draft_config", "option.json"],

@@ -18,8 +18,9 @@ the serving precision (median of --repeats).  With --base-url (a running plain s
 the target) the decoding step and the passes of n tokens are timed on that engine instead
 (EngineClock), whose fixed cost per step is not ours; the draft step is then scaled from the
 one timed here by the engine's decoding step over ours, or, with --eagle-url (a vLLM server
-with the draft), timed there: a drafting round less its verification pass, per draft.  With a round of k guesses costing
-k draft steps and one verification pass of k+1 tokens, and a plain decoding step one pass of 1:
+with the draft), timed there: a drafting round less its verification pass, per draft, both
+servers' rounds timed in turns on the prompts.  With a round of k guesses costing k draft
+steps and one verification pass of k+1 tokens, and a plain decoding step one pass of 1:
 
     speed-up(k, B)   = tau(k) T(B, 1) / (T(B, k+1) + k D(B, 1))
     speed-up(tree)   = tau    T(B, 1) / (T(B, N) + D(B, 1) + (depth-1) D(B, topk))
@@ -240,12 +241,11 @@ class EngineClock:
         """n -> seconds a pass of n new tokens takes over a pass of 1."""
         prefixes = [self.fresh(self.context) for _ in range(batch)]
         self.together(prefixes, 1)  # now cached
-
-        def after_prefix(n):
-            return statistics.median(self.together([q + self.fresh(n) for q in prefixes], 1) for _ in range(repeats))
-
-        one = after_prefix(1)
-        return {n: max(after_prefix(n) - one, 0.0) if n > 1 else 0.0 for n in sizes}
+        times = {n: [] for n in sorted({1, *sizes})}
+        for _ in range(repeats):
+            for n, got in times.items():  # every size in turn: a burst of load falls on all, not on one
+                got.append(self.together([q + self.fresh(n) for q in prefixes], 1))
+        return {n: max(statistics.median(t - one for t, one in zip(times[n], times[1])), 0.0) for n in sizes}
 
 
 class EagleClock(EngineClock):

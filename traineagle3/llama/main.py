@@ -62,6 +62,14 @@ def read_ds_config(path: str | None) -> dict:
     micro = ds.get("train_micro_batch_size_per_gpu")
     if not isinstance(micro, int) or micro < 1:
         raise UserError(f"{path}: train_micro_batch_size_per_gpu must be a whole number of at least 1, not {micro!r}")
+    optimizer, clip = ds.get("optimizer", {}).get("type", ""), ds.get("gradient_clipping", 0)
+    if str(optimizer).lower() == "muon" and clip:
+        # DeepSpeed (0.19) computes the clipping norm after Newton-Schulz, over updates whose norm
+        # is ~sqrt(width) per matrix: every step shrank ~100x and the draft hardly trained
+        raise UserError(
+            f"{path}: gradient_clipping {clip} with the Muon optimizer clips Muon's orthogonalized updates, "
+            "not the gradients, and shrinks every step (docs/RESULTS.md); set gradient_clipping to 0"
+        )
     return ds
 
 
