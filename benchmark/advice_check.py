@@ -54,7 +54,7 @@ def check(advice: dict, served: dict[tuple[int, int], dict]) -> dict:
         rows.append(
             {"k": k, "concurrency": c, "tau_predicted": p["tau"], "tau_served": s["tau"]}
             | {"speedup_predicted": p["speedup"], "speedup_served": s["speedup"]}
-            | {"speedup_per_sweep": s.get("speedup_per_sweep", [s["speedup"]])}
+            | {"speedup_per_sweep": s["speedup_per_sweep"]}
             | {"error": p["speedup"] / s["speedup"] - 1}
         )
     verdicts = {}

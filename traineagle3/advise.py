@@ -284,15 +284,13 @@ def engine_costs(
     if eagle:
         turns = [(clock.round(batch), eagle.round(batch)) for _ in range(repeats)]
         step = statistics.median(s for s, _ in turns)
-        rounds = step * statistics.median(r / s for s, r in turns)
-    else:
-        step = clock.step(batch, repeats)
-    target = {n: step + extra[n] for n in sizes}
-    if eagle:
-        draft_step = max((rounds - target[eagle.k + 1]) / eagle.k, 0.0)
+        drafting = step * statistics.median(r / s for s, r in turns)
+        draft_step = max((drafting - step - extra[eagle.k + 1]) / eagle.k, 0.0)
         scale = draft_step / offline["draft"][1]
     else:
+        step = clock.step(batch, repeats)
         scale = step / offline["target"][1]
+    target = {n: step + extra[n] for n in sizes}
     return {"target": target, "draft": {m: d * scale for m, d in offline["draft"].items()}}
 
 
