@@ -9,14 +9,16 @@ from conftest import ROOT, run_env
 from traineagle3.precision import choose, cpu_flags, fill_deepspeed
 
 SAPPHIRE = {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
-ZEN4 = {"avx512f", "avx512_bf16", "avx2"}  # bf16 instructions, but no AMX tiles
+ZEN4 = {"avx512f", "avx512_bf16", "avx2"}  # AVX-512 bf16 dot products, no AMX tiles
+SKYLAKE = {"avx512f", "avx512bw", "avx2"}  # AVX-512 without bf16 instructions
 
 
 @pytest.mark.parametrize(
     "device, flags, expected",
     [
         ("cpu", SAPPHIRE, "bfloat16"),
-        ("cpu", ZEN4, "float32"),
+        ("cpu", ZEN4, "bfloat16"),
+        ("cpu", SKYLAKE, "float32"),
         ("cpu", set(), "float32"),
         ("cuda", set(), "bfloat16"),
     ],
@@ -27,7 +29,7 @@ def test_auto_follows_the_hardware(device, flags, expected):
 
 
 def test_an_explicit_choice_wins_and_a_wrong_one_is_refused():
-    assert choose("cpu", "bfloat16", ZEN4)[0] == "bfloat16"
+    assert choose("cpu", "bfloat16", SKYLAKE)[0] == "bfloat16"
     assert choose("cpu", "float32", SAPPHIRE)[0] == "float32"
     with pytest.raises(ValueError, match="float64"):
         choose("cpu", "float64")

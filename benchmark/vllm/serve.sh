@@ -54,7 +54,7 @@ if [[ $RUNTIME == bare ]] && vllm_cpu_installed; then
   export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
   iomp="$($PYTHON -c 'import sys; print(sys.prefix)')/lib/libiomp5.so"
   if [[ -f "$iomp" && "${LD_PRELOAD:-}" != *libiomp5* ]]; then export LD_PRELOAD="$iomp${LD_PRELOAD:+:$LD_PRELOAD}"; fi
-  # dtype auto: bfloat16 with AMX bf16 units, else float32 (bf16 would be emulated); it says why
+  # dtype auto: bfloat16 with AMX or AVX-512 bf16 instructions, else float32 (bf16 would be emulated); it says why
   [[ $DTYPE == auto ]] && { DTYPE="$($PYTHON -m traineagle3.precision cpu)" || exit 1; }
   # Eager: compiled graphs are faster per token but not in speed-up, and start minutes
   # slower (docs/RESULTS.md).
