@@ -33,6 +33,7 @@ from pathlib import Path
 from benchmark import compare
 from benchmark.prompts import Part, read, split, write
 from traineagle3.cli import Parser, UserError, cli
+from traineagle3.records import MT_BENCH
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = {"vllm": "vllm", "sglang": "openai"}  # vllm bench's client for each engine's server
@@ -60,7 +61,7 @@ def parser() -> Parser:
         "sharegpt",
         metavar="D",
         text="sharegpt (the held-out split, [SHAREGPT_TEST] = outputs/demo-default/data/test.jsonl) | mt-bench "
-        "([MT_BENCH] = data/mt_bench/question.jsonl, FastChat's) | any chat JSON/JSONL = sharegpt",
+        "([MT_BENCH] = benchmark/mt_bench/question.jsonl, FastChat's, shipped) | any chat JSON/JSONL = sharegpt",
     )
     option("--concurrency", "CONCURRENCY", "1", "levels, each run on both servers = 1", metavar='"1 4"')
     option("--num-prompts", "NUM_PROMPTS", "80", "= 80", metavar="N", type=int)
@@ -98,7 +99,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     a = parser().parse_args(argv[:cut])
     a.dataset = {
         "sharegpt": env("SHAREGPT_TEST", str(ROOT / "outputs" / "demo-default" / "data" / "test.jsonl")),
-        "mt-bench": env("MT_BENCH", str(ROOT / "data" / "mt_bench" / "question.jsonl")),
+        "mt-bench": env("MT_BENCH", str(MT_BENCH)),
     }.get(a.dataset, a.dataset)
     if not a.dry_run and not Path(a.dataset).is_file():
         raise UserError(f"no prompt file {a.dataset}")

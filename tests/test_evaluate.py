@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from traineagle3.draft import Eagle3Draft
 from traineagle3.evaluate import evaluate, greedy, speculative
 from traineagle3.features import AuxHooks
-from traineagle3.records import read_prompts
+from traineagle3.records import MT_BENCH, read_prompts
 from traineagle3.vocab import VocabMap
 
 PROMPTS = [{"id": "a", "turns": ["What is 2+2?", "And 3+3?"]}, {"id": "b", "turns": ["Name a colour."]}]
@@ -73,9 +73,9 @@ def test_forced_decoding_counts_acceptance_along_another_decoders_output(tiny_ta
 
 
 def test_prompt_files_mt_bench_and_sharegpt(tmp_path):
-    mt = read_prompts(str(ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"))
+    mt = read_prompts(str(MT_BENCH))
     assert len(mt) == 80 and all(len(p["turns"]) == 2 for p in mt)
-    first = read_prompts(str(ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"), 3, max_turns=1)
+    first = read_prompts(str(MT_BENCH), 3, max_turns=1)
     assert [p["turns"] for p in first] == [p["turns"][:1] for p in mt[:3]]
     path = tmp_path / "chats.json"
     path.write_text(

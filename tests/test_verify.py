@@ -15,8 +15,8 @@ from vllm_server import vllm_server
 
 from traineagle3 import verify
 from traineagle3.draft import OPTIONS
+from traineagle3.records import MT_BENCH
 
-MT_BENCH = ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl"
 PROMPTS, TOKENS = 3, 24
 # Servers and the offline side in float32: these tests check that verify tells a right draft
 # from a wrong one, and with ~30 drafting rounds one round that bf16 rounding flips moves a

