@@ -20,7 +20,6 @@ setup` runs it with --dry-run: it prints the plan and installs nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shlex
 import subprocess
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--venv", type=Path, default=ROOT / ".venv")
     p.add_argument("--dry-run", action="store_true", help="print the plan, install nothing")
     a = p.parse_args(argv)
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 (python3 here is the system's, not the venv's)
         fail(f"Python 3.10 or newer is needed, {sys.executable} is {platform.python_version()}")
     device, why = detect(a.device)
     venv = a.venv.absolute()
