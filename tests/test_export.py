@@ -12,6 +12,7 @@ from conftest import ROOT, make_tiny_target, run_env
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from traineagle3.card import split_front_matter
 from traineagle3.checkpoint import save_draft_folder
 from traineagle3.config import TrainConfig, to_dict
 from traineagle3.draft import OPTIONS, Eagle3Draft, KVCache, load_draft
@@ -353,7 +354,9 @@ def test_card_states_the_runs_measurements_and_provenance_pins_the_inputs(run_di
         )  # the checkpoint's step, not later
         assert "| sharegpt (8 prompts) | offline" in card and "| 1.57 | 0.40 0.10 0.07 | 1.23x |" in card
         assert "served by vllm, concurrency 1 | 1.46 | 0.30 0.10 0.06 | 1.11x |" in card
-        assert str(chat_jsonl) in card and "- lr: 0.003" in card and "- ttt_steps: 3" in card
+        assert f"- train: `chats.jsonl`, sha256 `{sha(chat_jsonl)}`" in card and str(chat_jsonl) not in card
+        assert "| held-out 0.05 of chats.jsonl | replayed" in card  # the card names data files, not their paths
+        assert "- lr: 0.003" in card and "- ttt_steps: 3" in card
         prov = json.loads((out / engine / "provenance.json").read_text())
         assert prov["training_data"]["train"] == {"source": str(chat_jsonl), "sha256": sha(chat_jsonl)}
         assert prov["target"]["weights_sha256"] == {"model.safetensors": sha(tiny_target / "model.safetensors")}
@@ -362,10 +365,10 @@ def test_card_states_the_runs_measurements_and_provenance_pins_the_inputs(run_di
         assert prov["vocab_map"]["d2t_sha256"] == hashlib.sha256(d2t.numpy().tobytes()).hexdigest()
         assert prov["aux_layer_ids"] == {engine: ids} and prov["packages"]["torch"] == torch.__version__
     vllm = (out / "vllm" / "README.md").read_text()
-    spec = {"method": "eagle3", "model": str((out / "vllm").resolve()), "num_speculative_tokens": 3}
-    assert f"vllm serve {tiny_target} --speculative-config '{json.dumps(spec)}'" in vllm
+    spec = {"method": "eagle3", "model": "./vllm", "num_speculative_tokens": 3}  # relative: no local path
+    assert f"vllm serve <target hub id or path> --speculative-config '{json.dumps(spec)}'" in vllm
     assert (
-        f"--speculative-draft-model-path {(out / 'sglang').resolve()} --speculative-num-steps 3"
+        "--speculative-draft-model-path ./sglang --speculative-num-steps 3"
         in (out / "sglang" / "README.md").read_text()
     )
 
@@ -493,5 +496,7 @@ def test_push_to_hub_uploads_both_engine_folders_with_their_cards(trained, tiny_
     assert root["repo_id"] == "org/draft-x" and root["path_in_repo"] == "README.md"
     assert b"hf download org/draft-x --local-dir draft-x" in root["path_or_fileobj"]
     card = (out / "vllm" / "README.md").read_text()  # what a downloader runs
-    assert root["path_or_fileobj"].decode().endswith(card)  # the repository's page shows a card
+    front, body = split_front_matter(card)  # the repository's page shows a card, its front matter at the top
+    page = root["path_or_fileobj"].decode()
+    assert front and page.startswith(front) and page.endswith(body)
     assert '"model": "draft-x/vllm"' in card and "hf download org/draft-x --local-dir draft-x" in card

@@ -18,8 +18,11 @@ def download_dir(repo_id: str) -> str:
 
 
 def root_card(repo_id: str, engines: list[str], first_card: str) -> str:
+    from .card import split_front_matter  # card imports this module
+
+    meta, first_card = split_front_matter(first_card)  # the Hub reads front matter only at the top
     folders = ", ".join(f"`{e}/`" for e in engines)
-    return (
+    return meta + (
         f"This repository holds one folder per serving engine: {folders}, each with its own model card "
         f"(README.md) and provenance.json. Download it with `hf download {repo_id} --local-dir "
         f"{download_dir(repo_id)}`.\n\n{first_card}"
