@@ -191,7 +191,7 @@ def ds_config(out: Path, device: str, micro: int) -> Path:
 
 
 def train_run(args, t: dict, target: Path, data: Path, out: Path, mode: str) -> dict:
-    from traineagle3.net import free_port
+    from traineagle3.ports import free_port
 
     run = out / f"train_{mode}"
     cmd = [

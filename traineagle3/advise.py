@@ -41,12 +41,14 @@ from pathlib import Path
 
 import torch
 
-from .acceptance import replay_rounds
+from .acceptance import replay_rounds, summarize
 from .cli import Parser, UserError, cli, number
+from .decoding import eos_ids, greedy, load_models, tree_speculative
 from .draft import KVCache
-from .evaluate import _eos_ids, dtype_arg, greedy, load_models, model_args, summarize, tree_speculative
+from .evaluate import dtype_arg, model_args
 from .features import AuxHooks, TargetFeatures
 from .records import read_prompts
+from .serving import ENGINES, EagleClock, EngineClock, sglang_chain, sglang_flags
 from .ttt import ttt_unroll
 from .vocab import VocabMap
 
@@ -58,8 +60,8 @@ def answer_prompts(
     target, tokenizer, prompts: list[dict], max_new: int, device, server=None
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the target's greedy answer ids) for each prompt's first turn: the server's
-    rendering and answers when one is given (verify.py's client), else the HF target's here."""
-    eos, pairs = _eos_ids(target, tokenizer), []
+    rendering and answers when one is given (serving.py's client), else the HF target's here."""
+    eos, pairs = eos_ids(target, tokenizer), []
     for p in prompts:
         messages = [{"role": "user", "content": p["turns"][0]}]
         if server is not None:
@@ -178,97 +180,6 @@ def draft_costs(draft, batch: int, context: int, sizes: list[int], repeats: int,
     return {m: _median_seconds(step_of(m), repeats) for m in sizes}
 
 
-class EngineClock:
-    """A running plain server (vLLM or SGLang, OpenAI completions API) timed from outside:
-    greedy, `ignore_eos`, `batch` requests at once.
-
-    A decoding round is timed on the user's own prompts: (time of `tokens` tokens - time of 1)
-    over the rounds between them (on a plain server, one a token), both after the prompts are
-    in the engine's prefix cache, so both include the same (cached) prefill.  The extra cost of
-    a pass of n new tokens over a pass of 1 is timed after a prefix of random token ids (away
-    from the special ids at either end of the vocabulary) that the engine has cached: prefix +
-    n fresh tokens vs prefix + 1, one token generated; what prefix caching does not cover is the
-    same in both and cancels.
-    """
-
-    def __init__(self, url: str, vocab: int, context: int, prompts: list[list[int]], seed: int = 0):
-        import itertools
-        import random
-
-        from .verify import VllmServer
-
-        self.server = VllmServer(url)  # verify.py's client: the served name; /metrics for EagleClock
-        self.rng, self.vocab, self.context = random.Random(seed), vocab, context
-        self.prompts = itertools.cycle(prompts)
-
-    def fresh(self, n: int) -> list[int]:
-        return [self.rng.randrange(1000, self.vocab - 1000) for _ in range(n)]
-
-    def _complete(self, prompt: list[int], max_tokens: int) -> None:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        got = self.server.post("/v1/completions", {"model": self.server.model, **body})["usage"]["completion_tokens"]
-        if got != max_tokens:
-            raise UserError(f"{self.server.root} generated {got} tokens, not {max_tokens} (is ignore_eos honoured?)")
-
-    def together(self, prompts: list[list[int]], max_tokens: int) -> float:
-        from concurrent.futures import ThreadPoolExecutor
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            list(pool.map(lambda p: self._complete(p, max_tokens), prompts))
-        return time.perf_counter() - start
-
-    def counted(self):
-        """What rounds() needs from before the timed request (a plain server: nothing)."""
-
-    def rounds(self, before, batch: int, tokens: int) -> float:
-        """Decoding rounds of each sequence since `before`: after the prefill's token, one a token."""
-        return tokens - 1
-
-    def round(self, batch: int, tokens: int = 33) -> float:
-        """Seconds of one decoding round of the next `batch` of the user's prompts, decoded together."""
-        prompts = [next(self.prompts) for _ in range(batch)]
-        self.together(prompts, 1)  # into the prefix cache
-        one = self.together(prompts, 1)
-        before = self.counted()
-        many = self.together(prompts, tokens)
-        return (many - one) / self.rounds(before, batch, tokens)
-
-    def step(self, batch: int, repeats: int, tokens: int = 33) -> float:
-        return statistics.median(self.round(batch, tokens) for _ in range(repeats))
-
-    def extra(self, batch: int, sizes: list[int], repeats: int) -> dict[int, float]:
-        """n -> seconds a pass of n new tokens takes over a pass of 1."""
-        prefixes = [self.fresh(self.context) for _ in range(batch)]
-        self.together(prefixes, 1)  # now cached
-        times = {n: [] for n in sorted({1, *sizes})}
-        for _ in range(repeats):
-            for n, got in times.items():  # every size in turn: a burst of load falls on all, not on one
-                got.append(self.together([q + self.fresh(n) for q in prefixes], 1))
-        return {n: max(statistics.median(t - one for t, one in zip(times[n], times[1])), 0.0) for n in sizes}
-
-
-class EagleClock(EngineClock):
-    """A running vLLM server with the draft (at any k): its drafting rounds timed like decoding
-    steps, counted from its /metrics (verify.py's reader)."""
-
-    def __init__(self, url: str, vocab: int, context: int, prompts: list[list[int]], seed: int = 1):
-        super().__init__(url, vocab, context, prompts, seed)
-        positions = self.server.counters()[2]
-        if not positions:
-            raise UserError(
-                f"{url} reports no speculative decoding in /metrics: --eagle-url takes a vLLM server with the draft"
-            )
-        self.k = max(positions) + 1
-
-    def counted(self):
-        return self.server.counters()[:2]  # requests finished, drafting rounds
-
-    def rounds(self, before, batch: int, tokens: int) -> float:
-        done, drafts = before
-        return (self.server.spec_counts(done + batch)[0] - drafts) / batch
-
-
 def engine_costs(
     clock: EngineClock, offline: dict, batch: int, sizes: list[int], repeats: int, eagle: EagleClock | None = None
 ) -> dict:
@@ -318,8 +229,10 @@ def predict(chains: dict[int, dict], trees: dict, costs: dict) -> list[dict]:
 def engine_flags(row: dict, engine: str) -> str:
     if engine == "vllm":
         return f'--speculative-config \'{{"method": "eagle3", "num_speculative_tokens": {row["k"]}, ...}}\''
-    topk, steps, num = row["tree"] if "tree" in row else (1, row["k"], row["k"] + 1)
-    return f"--speculative-num-steps {steps} --speculative-eagle-topk {topk} --speculative-num-draft-tokens {num}"
+    if "tree" in row:
+        topk, depth, num = row["tree"]
+        return sglang_flags(depth, topk, num)
+    return sglang_flags(*sglang_chain(row["k"]))
 
 
 def recommend(rows: list[dict], engine: str) -> dict:
@@ -406,7 +319,7 @@ def main(argv=None) -> None:
     if not prompts:
         raise UserError(f"{args.prompts}: no usable prompts")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, target, draft, dtype_name, why = load_models(args, device)
+    tokenizer, target, draft, dtype_name, why = load_models(args.target, args.draft, args.dtype, device)
     print(f"precision: {dtype_name} ({why})", flush=True)
     engines = [args.engine] if args.engine else ["vllm", "sglang"]
     trees = args.trees if "sglang" in engines else []
@@ -415,8 +328,6 @@ def main(argv=None) -> None:
     print(f"the target answers {len(prompts)} prompts {where} (up to {args.max_new_tokens} tokens)", flush=True)
     server = None
     if args.base_url:
-        from .verify import ENGINES
-
         server = ENGINES[args.engine or "vllm"](args.base_url)
     pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device, server)
     chains = chain_acceptance(target, draft, pairs)

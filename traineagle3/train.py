@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from . import checkpoint, precision, tracking
-from .cache import write_json_atomic
+from .atomic import write_json_atomic
 from .cli import UserError
 from .config import TrainConfig, to_dict
 from .data import DataConfig, dataset_key, epoch_batches, load_tokenized, split_train_test

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from traineagle3 import tracking
-from traineagle3.cache import cache_root
+from traineagle3.atomic import cache_root
 from traineagle3.cli import Parser, UserError, cli, read_json_object
 from traineagle3.config import TrainConfig, add_arguments, from_args
 from traineagle3.default_model import DEFAULT_TARGET, resolve_target
