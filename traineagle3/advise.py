@@ -87,7 +87,9 @@ def chain_rounds(features: TargetFeatures, draft, prompt: list[int], answer: lis
     ids = torch.tensor([prompt + answer], device=dev)
     mask = [False] * len(prompt) + [True] * len(answer)
     f = features(ids)
-    run = ttt_unroll(draft, f.aux_hidden, ids, torch.tensor([mask], device=dev), f.teacher, f.teacher_ok, max_k).run
+    run = ttt_unroll(
+        draft, f.aux_hidden, ids, torch.tensor([mask], device=dev), f.teacher, f.teacher_ok, steps=max_k
+    ).run
     return {k: replay_rounds(run[0].tolist(), mask, k) for k in range(1, max_k + 1)}
 
 
@@ -281,8 +283,8 @@ def parse_trees(text: str) -> list[tuple[int, int, int]]:
     return trees
 
 
-@cli
-def main(argv=None) -> None:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
+    """The flags, and the concurrency levels to predict for."""
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(p)
     p.add_argument("--engine", choices=["vllm", "sglang"], default=None, help="recommend for one engine (default both)")
@@ -310,42 +312,27 @@ def main(argv=None) -> None:
     if args.eagle_url and not args.base_url:
         p.error("--eagle-url needs --base-url (the plain server the decoding step is timed on)")
     try:
-        concurrency = sorted({int(c) for c in args.concurrency.split()})
+        levels = sorted({int(c) for c in args.concurrency.split()})
     except ValueError:
-        concurrency = []
-    if not concurrency or concurrency[0] < 1:
+        levels = []
+    if not levels or levels[0] < 1:
         p.error(f"--concurrency takes whole numbers >= 1, like '1 4 16', not {args.concurrency!r}")
-    prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
-    if not prompts:
-        raise UserError(f"{args.prompts}: no usable prompts")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, target, draft, dtype_name, why = load_models(args.target, args.draft, args.dtype, device)
-    print(f"precision: {dtype_name} ({why})", flush=True)
-    engines = [args.engine] if args.engine else ["vllm", "sglang"]
-    trees = args.trees if "sglang" in engines else []
+    return args, levels
 
-    where = f"on {args.base_url}" if args.base_url else "here"
-    print(f"the target answers {len(prompts)} prompts {where} (up to {args.max_new_tokens} tokens)", flush=True)
-    server = None
-    if args.base_url:
-        server = ENGINES[args.engine or "vllm"](args.base_url)
-    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device, server)
-    chains = chain_acceptance(target, draft, pairs)
-    print("chains: " + ", ".join(f"k={k} tau {a['tau']:.2f}" for k, a in chains.items()), flush=True)
-    tree_acc = {}
-    for tree in trees:
-        tree_acc[tree] = tree_acceptance(target, draft, pairs[: args.tree_prompts], tree, device)
-        print(f"tree {tree}: tau {tree_acc[tree]['tau']:.2f}", flush=True)
 
+def measure_costs(args, levels, target, draft, pairs, chains, trees, device) -> tuple[int, dict, dict]:
+    """(the mean context, costs per concurrency, the offline ones): timed here, or on --base-url's
+    engine (and --eagle-url's) with the offline draft step scaled or timed there."""
     context = round(statistics.mean(len(q) + len(a) / 2 for q, a in pairs))
     sizes = sorted({k + 1 for k in chains} | {1} | {t[2] for t in trees})
     asked = [q for q, _ in pairs]  # in the server's rendering with --base-url
-    clock = EngineClock(args.base_url, target.config.vocab_size, context, asked) if args.base_url else None
-    eagle = EagleClock(args.eagle_url, target.config.vocab_size, context, asked) if args.eagle_url else None
+    vocab = target.config.vocab_size
+    clock = EngineClock(args.base_url, vocab, context, asked) if args.base_url else None
+    eagle = EagleClock(args.eagle_url, vocab, context, asked) if args.eagle_url else None
     if eagle:
         sizes = sorted(set(sizes) | {eagle.k + 1})
     costs, offline = {}, {}
-    for B in concurrency:
+    for B in levels:
         offline[B] = costs[B] = {
             "target": target_costs(target, B, context, sizes, args.repeats, device),
             "draft": draft_costs(draft, B, context, sorted({1} | {t[0] for t in trees}), args.repeats, device),
@@ -357,6 +344,37 @@ def main(argv=None) -> None:
             + (f" on {args.base_url} ({offline[B]['target'][1] * 1e3:.1f} ms here)" if clock else ""),
             flush=True,
         )
+    return context, costs, offline
+
+
+def seconds_json(costs: dict) -> dict:
+    return {B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in costs.items()}
+
+
+@cli
+def main(argv=None) -> None:
+    args, levels = parse_args(argv)
+    prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
+    if not prompts:
+        raise UserError(f"{args.prompts}: no usable prompts")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, target, draft, dtype_name, why = load_models(args.target, args.draft, args.dtype, device)
+    print(f"precision: {dtype_name} ({why})", flush=True)
+    engines = [args.engine] if args.engine else ["vllm", "sglang"]
+    trees = args.trees if "sglang" in engines else []
+
+    where = f"on {args.base_url}" if args.base_url else "here"
+    print(f"the target answers {len(prompts)} prompts {where} (up to {args.max_new_tokens} tokens)", flush=True)
+    server = ENGINES[args.engine or "vllm"](args.base_url) if args.base_url else None
+    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device, server)
+    chains = chain_acceptance(target, draft, pairs)
+    print("chains: " + ", ".join(f"k={k} tau {a['tau']:.2f}" for k, a in chains.items()), flush=True)
+    tree_acc = {}
+    for tree in trees:
+        tree_acc[tree] = tree_acceptance(target, draft, pairs[: args.tree_prompts], tree, device)
+        print(f"tree {tree}: tau {tree_acc[tree]['tau']:.2f}", flush=True)
+
+    context, costs, offline = measure_costs(args, levels, target, draft, pairs, chains, trees, device)
     rows = predict(chains, tree_acc, costs)
     result = {
         "dtype": dtype_name,
@@ -365,10 +383,8 @@ def main(argv=None) -> None:
         "trees": [{"tree": list(t), **a} for t, a in tree_acc.items()],
         "costs_from": args.base_url or "offline",
         "draft_step_from": args.eagle_url or ("scaled" if args.base_url else "offline"),
-        "costs_s": {B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in costs.items()},
-        "offline_costs_s": {
-            B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in offline.items()
-        },
+        "costs_s": seconds_json(costs),
+        "offline_costs_s": seconds_json(offline),
         "predictions": rows,
         "recommendation": {e: recommend(rows, e) for e in engines},
         "args": vars(args) | {"trees": [list(t) for t in args.trees]},

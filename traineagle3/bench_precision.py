@@ -91,7 +91,7 @@ def torch_timings(args) -> dict[str, dict[str, float]]:
         f = features(input_ids)
 
         def draft_step(draft=draft, opt=opt, f=f):
-            r = draft(f.aux_hidden, input_ids, loss_mask, f.teacher, f.teacher_ok, args.ttt_steps)
+            r = draft(f.aux_hidden, input_ids, loss_mask, f.teacher, f.teacher_ok, steps=args.ttt_steps)
             r.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

