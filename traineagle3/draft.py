@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .cli import UserError, read_json_object
-from .ttt import TTTResult, repeat_kv, ttt_unroll
+from .ttt import repeat_kv, ttt_unroll
 
 OPTIONS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
 DERIVED_FIELDS = (
@@ -295,32 +295,9 @@ class Eagle3Draft(nn.Module):
             draft.init_from_target(head_rows, final_norm)
         return draft
 
-    def forward(
-        self,
-        aux_hidden,
-        input_ids,
-        loss_mask,
-        teacher,
-        teacher_ok,
-        *,
-        steps: int = 7,
-        decay: float = 0.8,
-        loss_type: str = "soft",
-        impl: str = "efficient",
-    ) -> TTTResult:
-        """A whole training-time-test unroll (see ttt.py); the engine's forward."""
-        return ttt_unroll(
-            self,
-            aux_hidden,
-            input_ids,
-            loss_mask,
-            teacher,
-            teacher_ok,
-            steps=steps,
-            decay=decay,
-            loss_type=loss_type,
-            impl=impl,
-        )
+    # the engine's forward: a whole training-time-test unroll, ttt.py's ttt_unroll(self, aux_hidden,
+    # input_ids, loss_mask, teacher, teacher_ok, *, steps, decay, loss_type, impl) -> TTTResult
+    forward = ttt_unroll
 
     def step(self, input_ids, hidden, position_ids, cache):
         """One TTT / drafting step: returns (logits over the draft vocab, next hidden)."""
