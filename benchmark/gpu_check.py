@@ -191,49 +191,29 @@ def ds_config(out: Path, device: str, micro: int) -> Path:
 
 
 def train_run(args, t: dict, target: Path, data: Path, out: Path, mode: str) -> dict:
-    from traineagle3.net import free_port
+    from traineagle3.ports import free_port
 
     run = out / f"train_{mode}"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "1",
-        "--master_port",
-        str(free_port()),
-        str(MAIN),
-        "--deepspeed_config",
-        str(ds_config(out, args.device, t["micro"])),
-        "--target",
-        str(target),
-        "--train_data",
-        str(data),
-        "--output_dir",
-        str(run / "out"),
-        "--cache_dir",
-        str(run / "cache"),
-        "--max_length",
-        str(t["seq_len"]),
-        "--draft_vocab_size",
-        str(t["draft_vocab"]),
-        "--ttt_steps",
-        "7",
-        "--epochs",
-        "1",
-        "--max_steps",
-        str(t["steps"]),
-        "--log_every",
-        str(t["log_every"]),
-        "--save_every",
-        "1000000",
-        "--num_proc",
-        "1",
-        "--progress",
-        "false",
-        "--test_fraction",
-        "0.1",
-        "--feature_cache",
-        str(mode == "cached").lower(),
-    ]
+    flags = {
+        "deepspeed_config": ds_config(out, args.device, t["micro"]),
+        "target": target,
+        "train_data": data,
+        "output_dir": run / "out",
+        "cache_dir": run / "cache",
+        "max_length": t["seq_len"],
+        "draft_vocab_size": t["draft_vocab"],
+        "ttt_steps": 7,
+        "epochs": 1,
+        "max_steps": t["steps"],
+        "log_every": t["log_every"],
+        "save_every": 1000000,
+        "num_proc": 1,
+        "progress": "false",
+        "test_fraction": 0.1,
+        "feature_cache": str(mode == "cached").lower(),
+    }
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port())]
+    cmd += [str(MAIN), *(x for name, value in flags.items() for x in (f"--{name}", str(value)))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if args.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

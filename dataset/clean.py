@@ -34,7 +34,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from traineagle3.cache import publish
+from traineagle3.atomic import publish
 from traineagle3.cli import Parser, cli, number
 from traineagle3.records import BadRecord, normalise, record_id, split_key
 

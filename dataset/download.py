@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from traineagle3.cache import publish
+from traineagle3.atomic import publish
 from traineagle3.cli import Parser, UserError, cli, number
 from traineagle3.records import ReadReport, iter_conversations, record_id
 

@@ -167,6 +167,14 @@ def done_ids(out: Path) -> set[str]:
     return {str(rec["id"]) for _, rec in read_records(out)}
 
 
+def tally(stats: dict, rec: dict) -> None:
+    """A written conversation in the run's counts."""
+    stats["written"] += 1
+    stats["cut"] += "cut" in rec
+    stats["truncated_answers"] += sum(t["finish_reason"] == "length" for t in rec["turns"])
+    stats["completion_tokens"] += sum(t["completion_tokens"] or 0 for t in rec["turns"])
+
+
 async def run(
     cfg: RegenConfig,
     src: Path,
@@ -198,10 +206,7 @@ async def run(
                 stats["rejected" if isinstance(e, Rejected) else "failed"] += 1
             else:
                 writer.write({"id": rid} | rec)
-                stats["written"] += 1
-                stats["cut"] += "cut" in rec
-                stats["truncated_answers"] += sum(t["finish_reason"] == "length" for t in rec["turns"])
-                stats["completion_tokens"] += sum(t["completion_tokens"] or 0 for t in rec["turns"])
+                tally(stats, rec)
             bar.update()
             bar.set_postfix_str(
                 f"{stats['completion_tokens'] / (time.perf_counter() - start):.0f} tok/s, "
@@ -216,10 +221,8 @@ async def run(
     writer.close()
     failures.close()
     seconds = time.perf_counter() - start
-    summary = stats | {
-        "input": len(items),
-        "already_done": len(done),
-        "seconds": round(seconds, 1),
+    summary = stats | {"input": len(items), "already_done": len(done), "seconds": round(seconds, 1)}
+    summary |= {
         "output_tokens_per_s": round(stats["completion_tokens"] / max(seconds, 1e-9), 1),
         "out": str(out),
         "failures": str(failures_path),

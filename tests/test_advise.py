@@ -10,8 +10,6 @@ from test_evaluate import setup
 from test_tree import FULL, Hinted, prompt_of
 
 from traineagle3.advise import (
-    EagleClock,
-    EngineClock,
     answer_prompts,
     chain_rounds,
     draft_vocab,
@@ -21,8 +19,9 @@ from traineagle3.advise import (
     recommend,
 )
 from traineagle3.cli import UserError
-from traineagle3.evaluate import greedy, speculative
+from traineagle3.decoding import greedy, speculative
 from traineagle3.features import AuxHooks, TargetFeatures
+from traineagle3.serving import EagleClock, EngineClock
 
 
 def test_one_unroll_gives_the_rounds_of_chain_drafting_for_every_k(tiny_target):

@@ -18,7 +18,7 @@ from dataset.clean import clean
 from dataset.download import download
 from dataset.jsonl import Appender, read_records, repair_tail
 from dataset.regenerate import RegenConfig, run
-from traineagle3.net import free_port
+from traineagle3.ports import free_port
 
 
 def write_jsonl(path, records):

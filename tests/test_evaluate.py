@@ -7,8 +7,9 @@ import torch
 from conftest import ROOT, run_env
 from transformers import AutoModelForCausalLM
 
+from traineagle3.decoding import greedy, speculative
 from traineagle3.draft import Eagle3Draft
-from traineagle3.evaluate import evaluate, greedy, speculative
+from traineagle3.evaluate import evaluate
 from traineagle3.features import AuxHooks
 from traineagle3.records import MT_BENCH, read_prompts
 from traineagle3.vocab import VocabMap

@@ -397,7 +397,7 @@ def test_one_layout_whatever_the_engine(trained, tiny_target, tmp_path):
     "flags, names",
     [
         (["--draft", "{tmp}/nowhere"], "{tmp}/nowhere: no draft here"),
-        (["--target", "{tmp}/no-target"], "{tmp}/no-target: no such target folder"),
+        (["--target", "{tmp}/no-target"], "{tmp}/no-target: no such model folder"),
         (["--results", "{tmp}/missing.json"], "{tmp}/missing.json: no such results file"),
         (["--results", "{tmp}/bad.json"], "{tmp}/bad.json: not JSON"),
         (["--results", "{tmp}/other.json"], "{tmp}/other.json: neither an evaluate.py result"),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from test_evaluate import setup
 
-from traineagle3.evaluate import greedy, speculative, tree_speculative
+from traineagle3.decoding import greedy, speculative, tree_speculative
 from traineagle3.features import AuxHooks
 from traineagle3.tree import Tree, accept, ancestor_mask, target_mask
 

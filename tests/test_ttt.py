@@ -229,8 +229,7 @@ def test_replay_rounds_jumps_past_accepted_tokens_within_each_answer():
 
 def test_round_stats_and_the_offline_evaluator_count_rounds_alike():
     """Rounds accepting 0, 0, 1, 3 drafts (k = 3): tau 2 = 8 tokens / 4 rounds; P(> i accepted)."""
-    from traineagle3.acceptance import round_stats
-    from traineagle3.evaluate import summarize
+    from traineagle3.acceptance import round_stats, summarize
 
     rounds, tau, rates = round_stats(torch.tensor([2.0, 1.0, 0.0, 1.0]))
     assert (rounds, tau) == (4, 2.0) and rates == [0.5, 0.25, 0.25]

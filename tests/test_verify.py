@@ -16,6 +16,7 @@ from vllm_server import vllm_server
 from traineagle3 import verify
 from traineagle3.draft import OPTIONS
 from traineagle3.records import MT_BENCH
+from traineagle3.serving import eagle_flags
 
 PROMPTS, TOKENS = 3, 24
 # Servers and the offline side in float32: these tests check that verify tells a right draft
@@ -32,8 +33,8 @@ def overfit_draft(
     `options`: draft config overrides (the EAGLE-3.1 options); `aux`: vLLM-numbered aux layer ids (default
     vLLM's); returns the `engine` export."""
     from traineagle3.checkpoint import save_draft_folder
+    from traineagle3.decoding import eos_ids, greedy
     from traineagle3.draft import Eagle3Draft, default_aux_layers
-    from traineagle3.evaluate import _eos_ids, greedy
     from traineagle3.export import export
     from traineagle3.features import TargetFeatures
     from traineagle3.records import read_prompts
@@ -48,7 +49,7 @@ def overfit_draft(
             [{"role": "user", "content": p["turns"][0]}], tokenize=False, add_generation_prompt=True
         )
         prompt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        answer = greedy(target, prompt, TOKENS, _eos_ids(target, tok)).tokens
+        answer = greedy(target, prompt, TOKENS, eos_ids(target, tok)).tokens
         samples.append(torch.cat([prompt, torch.tensor([answer])], 1))
     aux = aux or default_aux_layers(target.config.num_hidden_layers)
     vocab = build_vocab_map(
@@ -251,7 +252,7 @@ def test_a_users_mistake_is_one_line(tmp_path, args, message):
 def test_greedy_passes_an_output_that_differs_at_a_near_tie_only_and_fails_one_the_target_did_not_pick(tiny_target):
     """Where the served output leaves plain greedy, each token it served is scored by the
     target: the runner-up of a close call is a near-tie, any token further behind fails."""
-    from traineagle3.evaluate import greedy
+    from traineagle3.decoding import greedy
 
     target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
     prompt = [5, 17, 42, 9]
@@ -269,7 +270,7 @@ def test_greedy_passes_an_output_that_differs_at_a_near_tie_only_and_fails_one_t
 
     swapped = plain[:j] + [int(top2.indices[j, 1])]  # the runner-up served at j, then greedy from there on
     swapped += greedy(target, torch.tensor([prompt + swapped]), len(plain) - len(swapped), set()).tokens
-    m = float(margins[j])
+    m = float(margins[j] / verify.bf16_step(top2.values[j, 0]))  # the margin in bf16 steps of the top logit
     problem, line, ties = verify.greedy_check(target, [dict(row, output=swapped)], 2 * m)
     assert (
         problem is None
@@ -289,6 +290,41 @@ def test_greedy_passes_an_output_that_differs_at_a_near_tie_only_and_fails_one_t
     assert problem is not None and f"token {j} trails" in problem
 
 
+class Logits:
+    """A stand-in target whose logits after each prefix are given: greedy_check's only question to it."""
+
+    def __init__(self, rows: list[list[float]]):
+        self.rows = torch.tensor(rows)
+
+    def __call__(self, ids):
+        n = ids.shape[1] - len(self.rows) - 1  # the position that predicts output[0] (the prompt's last)
+        logits = torch.zeros(1, ids.shape[1], self.rows.shape[1])
+        logits[0, n : n + len(self.rows)] = self.rows
+        return type("Out", (), {"logits": logits})
+
+
+@pytest.mark.parametrize(
+    "top,served,passes",
+    [
+        (100.0, 99.5, True),  # one bf16 step (0.5 at 64-128) behind: a near-tie, though 0.5 logits is over 0.25
+        (100.0, 98.5, False),  # three steps behind: the target did not pick it
+        (20.0, 19.5, False),  # the same 0.5 logits at 16-32 is four steps (0.125): a miss there
+        (20.0, 19.75, True),  # two steps at 16-32
+    ],
+)
+def test_the_near_tie_is_counted_in_bf16_steps_of_the_top_logit(top, served, passes):
+    """A one-step tie passes at logits above 64, where 0.25 logits is less than a step; a real miss
+    fails at any size."""
+    assert float(verify.bf16_step(torch.tensor(top))) == (0.5 if top >= 64 else 0.125)
+    target = Logits([[top, served, 0.0], [0.0, 0.0, 30.0]])  # output token 0 scored, then a clear greedy choice
+    row = {"id": 1, "prompt_ids": [2, 2], "plain_output": [0, 2], "output": [1, 2]}
+    problem, line, ties = verify.greedy_check(target, [row], verify.NEAR_TIE["bfloat16"])
+    assert (problem is None) == passes and ties == int(passes), (problem, line)
+    if not passes:
+        steps = (top - served) / float(verify.bf16_step(torch.tensor(top)))
+        assert f"by {top - served:.3f} logits, {steps:.2f} bf16 steps" in problem
+
+
 # --engine sglang against a stand-in SGLang server (SGLang runs on GPUs only): the endpoints and
 # fields verify reads from SGLang 0.5.18, backed by the tiny target and the project's own decoders.
 
@@ -300,12 +336,12 @@ def sglang_standin(target_path, draft=None, k: int = 3, topk: int = 1, system: s
     greedy, or with `draft` EAGLE-3 chain drafting whose rounds come back as meta_info's
     spec_verify_ct and spec_correct_drafts_histogram (`fewer`: each round reports that many
     fewer accepted drafts)."""
-    from traineagle3.evaluate import _eos_ids, draft_for, greedy, speculative
+    from traineagle3.decoding import draft_for, eos_ids, greedy, speculative
     from traineagle3.features import AuxHooks
 
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(target_path)
-    eos, served = _eos_ids(target, tok), draft_for(draft, target, "cpu", torch.float32) if draft else None
+    eos, served = eos_ids(target, tok), draft_for(draft, target, "cpu", torch.float32) if draft else None
     info = {"speculative_algorithm": "EAGLE3" if draft else None, "speculative_eagle_topk": topk}
     info |= {"speculative_num_steps": k, "speculative_num_draft_tokens": k + 1 if topk == 1 else 4 * k}
 
@@ -413,7 +449,7 @@ def test_sglang_a_tree_a_plain_server_or_a_vllm_folder_is_refused_in_one_line(sg
 
 def test_sglang_launch_serves_a_chain_of_k(tmp_path):
     """--launch's flags, through benchmark/sglang/serve.sh --dry-run: topk 1, k steps, k+1 draft tokens."""
-    flags = verify.eagle_flags("sglang", tmp_path, 5)
+    flags = eagle_flags("sglang", tmp_path, 5)
     r = subprocess.run(
         ["bash", str(ROOT / "benchmark" / "sglang" / "serve.sh"), *flags, "--target", str(tmp_path), "--dry-run"],
         env=run_env(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from traineagle3.net import free_port
+from traineagle3.ports import free_port
 
 SERVE = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh")]
 

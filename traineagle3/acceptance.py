@@ -55,3 +55,9 @@ def round_stats(hist: torch.Tensor) -> tuple[int, float, list[float]]:
     r = hist.double() / max(rounds, 1)
     tau = (r * torch.arange(1, len(hist) + 1)).sum().item()
     return rounds, tau, [r[i + 1 :].sum().item() for i in range(len(hist) - 1)]
+
+
+def summarize(accepted: list[int], k: int) -> dict:
+    """Drafts accepted in each round -> rounds, tau and acceptance per draft position."""
+    rounds, tau, rates = round_stats(torch.bincount(torch.tensor(accepted, dtype=torch.long), minlength=k + 1))
+    return {"rounds": rounds, "tau": round(tau, 4), "acceptance_per_position": [round(x, 4) for x in rates]}

@@ -41,12 +41,14 @@ from pathlib import Path
 
 import torch
 
-from .acceptance import replay_rounds
+from .acceptance import replay_rounds, summarize
 from .cli import Parser, UserError, cli, number
+from .decoding import eos_ids, greedy, load_models, tree_speculative
 from .draft import KVCache
-from .evaluate import _eos_ids, dtype_arg, greedy, load_models, model_args, summarize, tree_speculative
+from .evaluate import dtype_arg, model_args
 from .features import AuxHooks, TargetFeatures
 from .records import read_prompts
+from .serving import ENGINES, EagleClock, EngineClock, sglang_chain, sglang_flags
 from .ttt import ttt_unroll
 from .vocab import VocabMap
 
@@ -58,8 +60,8 @@ def answer_prompts(
     target, tokenizer, prompts: list[dict], max_new: int, device, server=None
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the target's greedy answer ids) for each prompt's first turn: the server's
-    rendering and answers when one is given (verify.py's client), else the HF target's here."""
-    eos, pairs = _eos_ids(target, tokenizer), []
+    rendering and answers when one is given (serving.py's client), else the HF target's here."""
+    eos, pairs = eos_ids(target, tokenizer), []
     for p in prompts:
         messages = [{"role": "user", "content": p["turns"][0]}]
         if server is not None:
@@ -85,7 +87,9 @@ def chain_rounds(features: TargetFeatures, draft, prompt: list[int], answer: lis
     ids = torch.tensor([prompt + answer], device=dev)
     mask = [False] * len(prompt) + [True] * len(answer)
     f = features(ids)
-    run = ttt_unroll(draft, f.aux_hidden, ids, torch.tensor([mask], device=dev), f.teacher, f.teacher_ok, max_k).run
+    run = ttt_unroll(
+        draft, f.aux_hidden, ids, torch.tensor([mask], device=dev), f.teacher, f.teacher_ok, steps=max_k
+    ).run
     return {k: replay_rounds(run[0].tolist(), mask, k) for k in range(1, max_k + 1)}
 
 
@@ -178,97 +182,6 @@ def draft_costs(draft, batch: int, context: int, sizes: list[int], repeats: int,
     return {m: _median_seconds(step_of(m), repeats) for m in sizes}
 
 
-class EngineClock:
-    """A running plain server (vLLM or SGLang, OpenAI completions API) timed from outside:
-    greedy, `ignore_eos`, `batch` requests at once.
-
-    A decoding round is timed on the user's own prompts: (time of `tokens` tokens - time of 1)
-    over the rounds between them (on a plain server, one a token), both after the prompts are
-    in the engine's prefix cache, so both include the same (cached) prefill.  The extra cost of
-    a pass of n new tokens over a pass of 1 is timed after a prefix of random token ids (away
-    from the special ids at either end of the vocabulary) that the engine has cached: prefix +
-    n fresh tokens vs prefix + 1, one token generated; what prefix caching does not cover is the
-    same in both and cancels.
-    """
-
-    def __init__(self, url: str, vocab: int, context: int, prompts: list[list[int]], seed: int = 0):
-        import itertools
-        import random
-
-        from .verify import VllmServer
-
-        self.server = VllmServer(url)  # verify.py's client: the served name; /metrics for EagleClock
-        self.rng, self.vocab, self.context = random.Random(seed), vocab, context
-        self.prompts = itertools.cycle(prompts)
-
-    def fresh(self, n: int) -> list[int]:
-        return [self.rng.randrange(1000, self.vocab - 1000) for _ in range(n)]
-
-    def _complete(self, prompt: list[int], max_tokens: int) -> None:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        got = self.server.post("/v1/completions", {"model": self.server.model, **body})["usage"]["completion_tokens"]
-        if got != max_tokens:
-            raise UserError(f"{self.server.root} generated {got} tokens, not {max_tokens} (is ignore_eos honoured?)")
-
-    def together(self, prompts: list[list[int]], max_tokens: int) -> float:
-        from concurrent.futures import ThreadPoolExecutor
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            list(pool.map(lambda p: self._complete(p, max_tokens), prompts))
-        return time.perf_counter() - start
-
-    def counted(self):
-        """What rounds() needs from before the timed request (a plain server: nothing)."""
-
-    def rounds(self, before, batch: int, tokens: int) -> float:
-        """Decoding rounds of each sequence since `before`: after the prefill's token, one a token."""
-        return tokens - 1
-
-    def round(self, batch: int, tokens: int = 33) -> float:
-        """Seconds of one decoding round of the next `batch` of the user's prompts, decoded together."""
-        prompts = [next(self.prompts) for _ in range(batch)]
-        self.together(prompts, 1)  # into the prefix cache
-        one = self.together(prompts, 1)
-        before = self.counted()
-        many = self.together(prompts, tokens)
-        return (many - one) / self.rounds(before, batch, tokens)
-
-    def step(self, batch: int, repeats: int, tokens: int = 33) -> float:
-        return statistics.median(self.round(batch, tokens) for _ in range(repeats))
-
-    def extra(self, batch: int, sizes: list[int], repeats: int) -> dict[int, float]:
-        """n -> seconds a pass of n new tokens takes over a pass of 1."""
-        prefixes = [self.fresh(self.context) for _ in range(batch)]
-        self.together(prefixes, 1)  # now cached
-        times = {n: [] for n in sorted({1, *sizes})}
-        for _ in range(repeats):
-            for n, got in times.items():  # every size in turn: a burst of load falls on all, not on one
-                got.append(self.together([q + self.fresh(n) for q in prefixes], 1))
-        return {n: max(statistics.median(t - one for t, one in zip(times[n], times[1])), 0.0) for n in sizes}
-
-
-class EagleClock(EngineClock):
-    """A running vLLM server with the draft (at any k): its drafting rounds timed like decoding
-    steps, counted from its /metrics (verify.py's reader)."""
-
-    def __init__(self, url: str, vocab: int, context: int, prompts: list[list[int]], seed: int = 1):
-        super().__init__(url, vocab, context, prompts, seed)
-        positions = self.server.counters()[2]
-        if not positions:
-            raise UserError(
-                f"{url} reports no speculative decoding in /metrics: --eagle-url takes a vLLM server with the draft"
-            )
-        self.k = max(positions) + 1
-
-    def counted(self):
-        return self.server.counters()[:2]  # requests finished, drafting rounds
-
-    def rounds(self, before, batch: int, tokens: int) -> float:
-        done, drafts = before
-        return (self.server.spec_counts(done + batch)[0] - drafts) / batch
-
-
 def engine_costs(
     clock: EngineClock, offline: dict, batch: int, sizes: list[int], repeats: int, eagle: EagleClock | None = None
 ) -> dict:
@@ -318,8 +231,10 @@ def predict(chains: dict[int, dict], trees: dict, costs: dict) -> list[dict]:
 def engine_flags(row: dict, engine: str) -> str:
     if engine == "vllm":
         return f'--speculative-config \'{{"method": "eagle3", "num_speculative_tokens": {row["k"]}, ...}}\''
-    topk, steps, num = row["tree"] if "tree" in row else (1, row["k"], row["k"] + 1)
-    return f"--speculative-num-steps {steps} --speculative-eagle-topk {topk} --speculative-num-draft-tokens {num}"
+    if "tree" in row:
+        topk, depth, num = row["tree"]
+        return sglang_flags(depth, topk, num)
+    return sglang_flags(*sglang_chain(row["k"]))
 
 
 def recommend(rows: list[dict], engine: str) -> dict:
@@ -368,8 +283,8 @@ def parse_trees(text: str) -> list[tuple[int, int, int]]:
     return trees
 
 
-@cli
-def main(argv=None) -> None:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
+    """The flags, and the concurrency levels to predict for."""
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(p)
     p.add_argument("--engine", choices=["vllm", "sglang"], default=None, help="recommend for one engine (default both)")
@@ -397,44 +312,27 @@ def main(argv=None) -> None:
     if args.eagle_url and not args.base_url:
         p.error("--eagle-url needs --base-url (the plain server the decoding step is timed on)")
     try:
-        concurrency = sorted({int(c) for c in args.concurrency.split()})
+        levels = sorted({int(c) for c in args.concurrency.split()})
     except ValueError:
-        concurrency = []
-    if not concurrency or concurrency[0] < 1:
+        levels = []
+    if not levels or levels[0] < 1:
         p.error(f"--concurrency takes whole numbers >= 1, like '1 4 16', not {args.concurrency!r}")
-    prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
-    if not prompts:
-        raise UserError(f"{args.prompts}: no usable prompts")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, target, draft, dtype_name, why = load_models(args, device)
-    print(f"precision: {dtype_name} ({why})", flush=True)
-    engines = [args.engine] if args.engine else ["vllm", "sglang"]
-    trees = args.trees if "sglang" in engines else []
+    return args, levels
 
-    where = f"on {args.base_url}" if args.base_url else "here"
-    print(f"the target answers {len(prompts)} prompts {where} (up to {args.max_new_tokens} tokens)", flush=True)
-    server = None
-    if args.base_url:
-        from .verify import ENGINES
 
-        server = ENGINES[args.engine or "vllm"](args.base_url)
-    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device, server)
-    chains = chain_acceptance(target, draft, pairs)
-    print("chains: " + ", ".join(f"k={k} tau {a['tau']:.2f}" for k, a in chains.items()), flush=True)
-    tree_acc = {}
-    for tree in trees:
-        tree_acc[tree] = tree_acceptance(target, draft, pairs[: args.tree_prompts], tree, device)
-        print(f"tree {tree}: tau {tree_acc[tree]['tau']:.2f}", flush=True)
-
+def measure_costs(args, levels, target, draft, pairs, chains, trees, device) -> tuple[int, dict, dict]:
+    """(the mean context, costs per concurrency, the offline ones): timed here, or on --base-url's
+    engine (and --eagle-url's) with the offline draft step scaled or timed there."""
     context = round(statistics.mean(len(q) + len(a) / 2 for q, a in pairs))
     sizes = sorted({k + 1 for k in chains} | {1} | {t[2] for t in trees})
     asked = [q for q, _ in pairs]  # in the server's rendering with --base-url
-    clock = EngineClock(args.base_url, target.config.vocab_size, context, asked) if args.base_url else None
-    eagle = EagleClock(args.eagle_url, target.config.vocab_size, context, asked) if args.eagle_url else None
+    vocab = target.config.vocab_size
+    clock = EngineClock(args.base_url, vocab, context, asked) if args.base_url else None
+    eagle = EagleClock(args.eagle_url, vocab, context, asked) if args.eagle_url else None
     if eagle:
         sizes = sorted(set(sizes) | {eagle.k + 1})
     costs, offline = {}, {}
-    for B in concurrency:
+    for B in levels:
         offline[B] = costs[B] = {
             "target": target_costs(target, B, context, sizes, args.repeats, device),
             "draft": draft_costs(draft, B, context, sorted({1} | {t[0] for t in trees}), args.repeats, device),
@@ -446,6 +344,37 @@ def main(argv=None) -> None:
             + (f" on {args.base_url} ({offline[B]['target'][1] * 1e3:.1f} ms here)" if clock else ""),
             flush=True,
         )
+    return context, costs, offline
+
+
+def seconds_json(costs: dict) -> dict:
+    return {B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in costs.items()}
+
+
+@cli
+def main(argv=None) -> None:
+    args, levels = parse_args(argv)
+    prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)
+    if not prompts:
+        raise UserError(f"{args.prompts}: no usable prompts")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, target, draft, dtype_name, why = load_models(args.target, args.draft, args.dtype, device)
+    print(f"precision: {dtype_name} ({why})", flush=True)
+    engines = [args.engine] if args.engine else ["vllm", "sglang"]
+    trees = args.trees if "sglang" in engines else []
+
+    where = f"on {args.base_url}" if args.base_url else "here"
+    print(f"the target answers {len(prompts)} prompts {where} (up to {args.max_new_tokens} tokens)", flush=True)
+    server = ENGINES[args.engine or "vllm"](args.base_url) if args.base_url else None
+    pairs = answer_prompts(target, tokenizer, prompts, args.max_new_tokens, device, server)
+    chains = chain_acceptance(target, draft, pairs)
+    print("chains: " + ", ".join(f"k={k} tau {a['tau']:.2f}" for k, a in chains.items()), flush=True)
+    tree_acc = {}
+    for tree in trees:
+        tree_acc[tree] = tree_acceptance(target, draft, pairs[: args.tree_prompts], tree, device)
+        print(f"tree {tree}: tau {tree_acc[tree]['tau']:.2f}", flush=True)
+
+    context, costs, offline = measure_costs(args, levels, target, draft, pairs, chains, trees, device)
     rows = predict(chains, tree_acc, costs)
     result = {
         "dtype": dtype_name,
@@ -454,10 +383,8 @@ def main(argv=None) -> None:
         "trees": [{"tree": list(t), **a} for t, a in tree_acc.items()],
         "costs_from": args.base_url or "offline",
         "draft_step_from": args.eagle_url or ("scaled" if args.base_url else "offline"),
-        "costs_s": {B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in costs.items()},
-        "offline_costs_s": {
-            B: {kind: {str(n): s for n, s in c.items()} for kind, c in v.items()} for B, v in offline.items()
-        },
+        "costs_s": seconds_json(costs),
+        "offline_costs_s": seconds_json(offline),
         "predictions": rows,
         "recommendation": {e: recommend(rows, e) for e in engines},
         "args": vars(args) | {"trees": [list(t) for t in args.trees]},

@@ -24,18 +24,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .net import free_port
 from .precision import choose, cpu_flags
+from .serving import EngineClock, launched
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Explain how a bicycle stays upright.", "Write a short poem about the sea.", "Why is the sky blue?"]
 
 
@@ -93,7 +91,7 @@ def torch_timings(args) -> dict[str, dict[str, float]]:
         f = features(input_ids)
 
         def draft_step(draft=draft, opt=opt, f=f):
-            r = draft(f.aux_hidden, input_ids, loss_mask, f.teacher, f.teacher_ok, args.ttt_steps)
+            r = draft(f.aux_hidden, input_ids, loss_mask, f.teacher, f.teacher_ok, steps=args.ttt_steps)
             r.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -114,22 +112,14 @@ def serve_timings(args) -> dict[str, float]:
     advise's EngineClock on PROMPTS (median of --iters rounds of --decode-tokens tokens)."""
     from transformers import AutoTokenizer
 
-    from .advise import EngineClock
-
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     chats = ([{"role": "user", "content": p}] for p in PROMPTS)
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True) for c in chats]
-    serve = ["bash", str(ROOT / "benchmark" / "vllm" / "serve.sh"), "--target", args.target]
-    port = free_port()
-    env = dict(os.environ, PORT=str(port))
     out = {}
     for name in DTYPES:
-        subprocess.run([*serve, "--dtype", name], env=env, check=True, stdout=subprocess.DEVNULL)
-        try:
-            clock = EngineClock(f"http://127.0.0.1:{port}", tokenizer.vocab_size, 0, [p["input_ids"] for p in prompts])
+        with launched("vllm", args.target, dtype=name, quiet=True) as url:
+            clock = EngineClock(url, tokenizer.vocab_size, 0, [p["input_ids"] for p in prompts])
             out[name] = 1000 * clock.step(1, args.iters, args.decode_tokens + 1)
-        finally:
-            subprocess.run([*serve, "--stop"], env=env, check=False, stdout=subprocess.DEVNULL)
     return out
 
 

@@ -163,7 +163,9 @@ class Setup:
 
     def step(self, draft, opt, x: dict, impl: str) -> float:
         f = self.features(x)
-        r = draft(f.aux_hidden, x["input_ids"], x["loss_mask"], f.teacher, f.teacher_ok, self.args.ttt_steps, impl=impl)
+        r = draft(
+            f.aux_hidden, x["input_ids"], x["loss_mask"], f.teacher, f.teacher_ok, steps=self.args.ttt_steps, impl=impl
+        )
         r.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

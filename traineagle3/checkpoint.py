@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .cache import write_json_atomic
+from .atomic import write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 

@@ -11,10 +11,11 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .cli import UserError, read_json_object
+from .draft import AUX_NUMBERINGS, DRAFT_INITS
 from .feature_cache import DTYPES
 from .precision import AUTO
 from .tracking import REPORTERS
-from .ttt import IMPLS
+from .ttt import IMPLS, LOSS_TYPES
 
 
 @dataclass
@@ -153,10 +154,10 @@ class TrainConfig:
 CHOICES = {
     "target_dtype": ("auto", "bfloat16", "float16", "float32"),
     "too_long": ("truncate", "drop"),
-    "aux_layer_numbering": ("vllm", "sglang"),
-    "draft_init": ("target", "random"),
+    "aux_layer_numbering": AUX_NUMBERINGS,
+    "draft_init": DRAFT_INITS,
     "train_on": ("assistant", "all"),
-    "loss_type": ("soft", "hard"),
+    "loss_type": LOSS_TYPES,
     "ttt_impl": IMPLS,
     "feature_cache_dtype": ("auto", *DTYPES),
     "report_to": REPORTERS,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import publish
+from .atomic import publish
 from .cli import UserError
 from .records import BadRecord, read_conversations, resolve_source, split_key
 

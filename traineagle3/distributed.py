@@ -11,7 +11,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from .cli import UserError
-from .net import free_port
+from .ports import free_port
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .cli import UserError, read_json_object
-from .ttt import TTTResult, repeat_kv, ttt_unroll
+from .ttt import repeat_kv, ttt_unroll
 
 OPTIONS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
 DERIVED_FIELDS = (
@@ -56,6 +56,10 @@ DERIVED_FIELDS = (
 )
 
 
+AUX_NUMBERINGS = ("vllm", "sglang")  # "input of layer k", "output of layer k"
+DRAFT_INITS = ("target", "random")
+
+
 def default_aux_layers(num_layers: int) -> list[int]:
     """vLLM's default EAGLE-3 capture points: the inputs of layers 2, L//2 and L-3."""
     return [2, num_layers // 2, num_layers - 3]
@@ -63,11 +67,9 @@ def default_aux_layers(num_layers: int) -> list[int]:
 
 def to_vllm_layer_ids(ids: list[int], numbering: str) -> list[int]:
     """vLLM counts "input of layer k"; SGLang counts "output of layer k" = input of k+1."""
-    if numbering == "vllm":
-        return list(ids)
-    if numbering == "sglang":
-        return [i + 1 for i in ids]
-    raise ValueError(f"aux layer numbering must be 'vllm' or 'sglang', not {numbering!r}")
+    if numbering not in AUX_NUMBERINGS:
+        raise ValueError(f"aux layer numbering must be one of {AUX_NUMBERINGS}, not {numbering!r}")
+    return list(ids) if numbering == "vllm" else [i + 1 for i in ids]
 
 
 def derive_draft_config(
@@ -278,8 +280,8 @@ class Eagle3Draft(nn.Module):
         torch's RNG: seed it first for a reproducible draft.  `dtype` casts the draft
         before any tensor is copied in, so they keep their precision.
         """
-        if init not in ("target", "random"):
-            raise ValueError(f"init must be 'target' or 'random', not {init!r}")
+        if init not in DRAFT_INITS:
+            raise ValueError(f"init must be one of {DRAFT_INITS}, not {init!r}")
         if init == "target" and (head_rows is None or final_norm is None):
             raise ValueError("init='target' needs the target's head_rows and final_norm")
         draft = cls(derive_draft_config(target_config, vocab.draft_vocab_size, aux_layer_ids, overrides))
@@ -293,20 +295,9 @@ class Eagle3Draft(nn.Module):
             draft.init_from_target(head_rows, final_norm)
         return draft
 
-    def forward(
-        self,
-        aux_hidden,
-        input_ids,
-        loss_mask,
-        teacher,
-        teacher_ok,
-        steps: int = 7,
-        decay: float = 0.8,
-        loss_type: str = "soft",
-        impl: str = "efficient",
-    ) -> TTTResult:
-        """A whole training-time-test unroll (see ttt.py); the engine's forward."""
-        return ttt_unroll(self, aux_hidden, input_ids, loss_mask, teacher, teacher_ok, steps, decay, loss_type, impl)
+    # the engine's forward: a whole training-time-test unroll, ttt.py's ttt_unroll(self, aux_hidden,
+    # input_ids, loss_mask, teacher, teacher_ok, *, steps, decay, loss_type, impl) -> TTTResult
+    forward = ttt_unroll
 
     def step(self, input_ids, hidden, position_ids, cache):
         """One TTT / drafting step: returns (logits over the draft vocab, next hidden)."""
@@ -316,6 +307,15 @@ class Eagle3Draft(nn.Module):
         hidden = self.midlayer(embeds, hidden, cos, sin, cache)
         normed = self.norm(hidden)
         return self.lm_head(normed), normed if self.norm_output else hidden
+
+
+def find_draft_folder(path: str | Path) -> Path:
+    """A draft folder, a checkpoint (step_N/draft) or a training output dir (its draft/)."""
+    path = Path(path)
+    for candidate in (path, path / "draft"):
+        if (candidate / "config.json").exists() and (candidate / "model.safetensors").exists():
+            return candidate
+    raise FileNotFoundError(f"{path}: no draft here (expected config.json + model.safetensors, or draft/ with them)")
 
 
 def load_draft(folder: str | Path, target_embedding: torch.Tensor | None = None) -> Eagle3Draft:

@@ -14,173 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .acceptance import round_stats
+from .acceptance import summarize
 from .cli import Parser, UserError, cli, number
-from .draft import KVCache, load_draft, to_vllm_layer_ids
-from .export import find_draft_folder
+from .decoding import eos_ids, greedy, load_models, speculative, tree_speculative
 from .features import AuxHooks
 from .precision import AUTO
-from .precision import choose as choose_precision
 from .records import read_prompts, writing_system
-from .tree import TreeKVCache, accept, build_tree, keep_path, verify
-
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    seconds: float
-    accepted: list[int] = field(default_factory=list)  # per round, proposals accepted
-
-
-def _eos_ids(target, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(target, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids.update(extra if isinstance(extra, list) else [extra])
-    return {i for i in ids if i is not None}
-
-
-def _finish(tokens: list[int], eos: set[int], max_new: int) -> tuple[list[int], bool]:
-    for i, t in enumerate(tokens[:max_new]):
-        if t in eos:
-            return tokens[: i + 1], True
-    return tokens[:max_new], len(tokens) >= max_new
-
-
-@torch.no_grad()
-def greedy(target, prompt: torch.Tensor, max_new: int, eos: set[int]) -> Generation:
-    """Plain greedy decoding with a KV cache: the baseline."""
-    from transformers import DynamicCache
-
-    start, cache, out = time.perf_counter(), DynamicCache(), []
-    ids = prompt
-    while True:
-        hidden = target.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
-        out.append(int(target.lm_head(hidden[:, -1]).argmax(-1)))
-        tokens, done = _finish(out, eos, max_new)
-        if done:
-            return Generation(tokens, time.perf_counter() - start)
-        ids = torch.tensor([[out[-1]]], device=prompt.device)
-
-
-@torch.no_grad()
-def speculative(
-    target,
-    hooks: AuxHooks,
-    draft,
-    prompt: torch.Tensor,
-    max_new: int,
-    k: int,
-    eos: set[int],
-    forced: list[int] | None = None,
-) -> Generation:
-    """Greedy EAGLE-3 chain drafting; returns the same tokens as `greedy`, in fewer target passes.
-
-    With `forced` (another decoder's output, e.g. a server's) the verified tokens are those
-    instead of the target's own choices: the draft's acceptance along exactly that text.
-    """
-    from transformers import DynamicCache
-
-    start, cache, dcache = time.perf_counter(), DynamicCache(), KVCache()
-    dev = prompt.device
-    d2t = draft.d2t.to(dev)
-    hidden = target.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
-    if forced is not None:
-        max_new = min(max_new, len(forced))
-    x = forced[0] if forced else int(target.lm_head(hidden[:, -1]).argmax(-1))
-    out, accepted = [x], []
-    n = prompt.shape[1]  # positions 0..n-1 are in the target cache; x sits at position n
-    # step-0 draft entries for positions 0..n-1: (target features at j, token j+1)
-    tokens = torch.cat([prompt[:, 1:], torch.tensor([[x]], device=dev)], 1)
-    logits, g = draft.step(
-        tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache
-    )
-    while not _finish(out, eos, max_new)[1]:
-        proposals, d_logits, h = [], logits[:, -1:], g[:, -1:]
-        for i in range(k):
-            d = int(d_logits.argmax(-1))
-            proposals.append(d + int(d2t[d]))
-            if i + 1 < k:  # the i-th guess sits at position n + i
-                d_logits, h = draft.step(
-                    torch.tensor([[proposals[-1]]], device=dev), h, torch.tensor([[n + i]], device=dev), dcache
-                )
-        verify = torch.tensor([[x] + proposals], device=dev)  # positions n..n+k
-        hidden = target.model(input_ids=verify, past_key_values=cache, use_cache=True).last_hidden_state
-        aux = hooks.take()
-        best = target.lm_head(hidden[0]).argmax(-1).tolist()
-        if forced is not None:  # past its end the target decides, as a server checks guesses past max_tokens
-            given = forced[len(out) : len(out) + k + 1]
-            best = given + best[len(given) :]
-        a = 0
-        while a < k and best[a] == proposals[a]:
-            a += 1
-        accepted.append(a)
-        new = proposals[:a] + [best[a]]
-        out += new
-        if a < k:
-            cache.crop(a - k)  # drop the rejected proposals (negative: tokens to remove)
-        dcache.crop(n)  # drop the chain; the verified positions n..n+a get step-0 entries
-        logits, g = draft.step(
-            torch.tensor([new], device=dev),
-            draft.fc(aux[:, : a + 1].to(draft.fc.weight.dtype)),
-            torch.arange(n, n + a + 1, device=dev)[None],
-            dcache,
-        )
-        n, x = n + a + 1, new[-1]
-    tokens, _ = _finish(out, eos, max_new)
-    return Generation(tokens, time.perf_counter() - start, accepted)
-
-
-@torch.no_grad()
-def tree_speculative(
-    target, hooks: AuxHooks, draft, prompt: torch.Tensor, max_new: int, topk: int, depth: int, num: int, eos: set[int]
-) -> Generation:
-    """Greedy EAGLE tree drafting (tree.py): per round a tree of `num` tokens (root included),
-    `topk` children per expanded node, `depth` levels, verified in one target pass; returns the
-    same tokens as `greedy`.  `accepted` holds the accepted depth of each round."""
-    from transformers import DynamicCache
-
-    start, cache, dcache = time.perf_counter(), DynamicCache(), TreeKVCache()
-    dev = prompt.device
-    hidden = target.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
-    x = int(target.lm_head(hidden[:, -1]).argmax(-1))
-    out, accepted = [x], []
-    n = prompt.shape[1]  # as in `speculative`: positions 0..n-1 cached, the root x at n
-    tokens = torch.cat([prompt[:, 1:], torch.tensor([[x]], device=dev)], 1)
-    logits, g = draft.step(
-        tokens, draft.fc(hooks.take().to(draft.fc.weight.dtype)), torch.arange(n, device=dev)[None], dcache
-    )
-    while not _finish(out, eos, max_new)[1]:
-        tree = build_tree(draft, logits[0, -1], g[:, -1:], dcache, x, n, topk, depth, num)
-        best = verify(target, tree, cache, n)
-        path = accept(tree, best)
-        keep_path(cache, n, path)
-        aux = hooks.take()[:, path]  # the target's features at the accepted nodes, in path order
-        new = [tree.tokens[i] for i in path[1:]] + [best[path[-1]]]
-        accepted.append(len(path) - 1)
-        out += new
-        dcache.crop(n)  # drop the tree; the verified positions get step-0 entries as in `speculative`
-        logits, g = draft.step(
-            torch.tensor([new], device=dev),
-            draft.fc(aux.to(draft.fc.weight.dtype)),
-            torch.arange(n, n + len(path), device=dev)[None],
-            dcache,
-        )
-        n, x = n + len(path), new[-1]
-    tokens, _ = _finish(out, eos, max_new)
-    return Generation(tokens, time.perf_counter() - start, accepted)
-
-
-def summarize(accepted: list[int], k: int) -> dict:
-    """Drafts accepted in each round -> rounds, tau and acceptance per draft position."""
-    rounds, tau, rates = round_stats(torch.bincount(torch.tensor(accepted, dtype=torch.long), minlength=k + 1))
-    return {"rounds": rounds, "tau": round(tau, 4), "acceptance_per_position": [round(x, 4) for x in rates]}
 
 
 def evaluate(
@@ -202,7 +45,7 @@ def evaluate(
         k = tree[1]
     ids = draft.config.eagle_aux_hidden_state_layer_ids
     hooks = AuxHooks(target, ids)
-    eos = _eos_ids(target, tokenizer)
+    eos = eos_ids(target, tokenizer)
     rows, all_accepted, totals = [], [], [0.0, 0.0, 0, 0]  # spec s, plain s, spec tokens, plain tokens
     by_script: dict[str, list[int]] = {}
     try:
@@ -288,17 +131,6 @@ def table(result: dict) -> str:
     )
 
 
-def draft_for(folder: Path, target, device, dtype):
-    """A draft folder (as trained, or exported for either engine) on `target`, aux ids in vLLM's numbering."""
-    draft = load_draft(folder, target.get_input_embeddings().weight.data).to(device, dtype).eval()
-    cfg = json.loads((folder / "config.json").read_text())
-    if "eagle_aux_hidden_state_layer_ids" not in cfg:  # an SGLang folder counts "output of layer k"
-        draft.config.eagle_aux_hidden_state_layer_ids = to_vllm_layer_ids(
-            cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"], "sglang"
-        )
-    return draft
-
-
 def model_args(p: Parser) -> None:
     """The flags naming the target, the draft and the prompts (evaluate's and advise's)."""
     p.add_argument("--target", required=True)
@@ -313,21 +145,6 @@ def dtype_arg(p: Parser, text: str = "") -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help=f"{text}auto: {AUTO}",
     )
-
-
-def load_models(args, device) -> tuple:
-    """(tokenizer, target, draft, dtype name, why that dtype) for --target, --draft and --dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .default_model import resolve_target
-
-    folder = find_draft_folder(args.draft)
-    name, why = choose_precision(device.type, args.dtype)
-    dtype = getattr(torch, name)
-    path = resolve_target(args.target)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return tokenizer, target, draft_for(folder, target, device, dtype), name, why
 
 
 @cli
@@ -361,7 +178,7 @@ def main(argv=None) -> None:
     if not prompts:
         raise UserError(f"{args.prompts}: no usable prompts")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, target, draft, _, _ = load_models(args, device)
+    tokenizer, target, draft, _, _ = load_models(args.target, args.draft, args.dtype, device)
     result = evaluate(
         target,
         tokenizer,

@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import card, hub
-from .cache import write_json_atomic
+from .atomic import write_json_atomic
 from .cli import UserError
-from .default_model import resolve_target
-from .draft import OPTIONS
+from .default_model import check_target, resolve_target
+from .draft import OPTIONS, find_draft_folder
 
 ENGINES = ("vllm", "sglang")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,15 +63,6 @@ IGNORED = {
         "norm_before_residual": "SGLang's Llama draft ignores it (its residual is always the un-normalised hidden)"
     }
 }
-
-
-def find_draft_folder(path: str | Path) -> Path:
-    """A draft folder, a checkpoint (step_N/draft) or a training output dir (its draft/)."""
-    path = Path(path)
-    for candidate in (path, path / "draft"):
-        if (candidate / "config.json").exists() and (candidate / "model.safetensors").exists():
-            return candidate
-    raise FileNotFoundError(f"{path}: no draft here (expected config.json + model.safetensors, or draft/ with them)")
 
 
 def legacy_rope(rope_parameters: dict) -> tuple[float, dict | None]:
@@ -342,11 +333,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def local_target(target: str) -> str:
-    """The target's folder; a path that does not exist is refused here, not by a hub look-up."""
-    path = resolve_target(target)
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"{target}: no such target folder")
-    return path
+    """The target's folder (or hub name), checked."""
+    check_target(target)
+    return resolve_target(target)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .cache import publish, write_json_atomic
+from .atomic import publish, write_json_atomic
 from .data import collate
 from .target_tensors import target_fingerprint
 

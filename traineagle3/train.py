@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from . import checkpoint, precision, tracking
-from .cache import write_json_atomic
+from .atomic import write_json_atomic
 from .cli import UserError
 from .config import TrainConfig, to_dict
 from .data import DataConfig, dataset_key, epoch_batches, load_tokenized, split_train_test
@@ -182,6 +182,11 @@ def fill_schedule(ds: dict, total_steps: int) -> dict:
     return ds
 
 
+def engine_dtype(engine) -> torch.dtype:
+    """The precision the engine trains the draft in (the DeepSpeed config's bf16/fp16, else float32)."""
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+
 def build_engine(draft: Eagle3Draft, ds: dict, target_dtype: str):
     """DeepSpeed owns the draft's trainable parameters only (the embedding is the target's, frozen).
 
@@ -191,15 +196,16 @@ def build_engine(draft: Eagle3Draft, ds: dict, target_dtype: str):
     engine, *_ = deepspeed.initialize(
         model=draft, model_parameters=[p for p in draft.parameters() if p.requires_grad], config=ds
     )
-    log.info(
-        "draft trains in %s (the DeepSpeed config's bf16/fp16)",
-        "bfloat16" if engine.bfloat16_enabled() else "float16" if engine.fp16_enabled() else "float32",
-    )
+    log.info("draft trains in %s (the DeepSpeed config's bf16/fp16)", str(engine_dtype(engine)).removeprefix("torch."))
     return engine
 
 
 class Trainer:
-    """One rank's loop: epochs of training steps, the test split after each, checkpoints, resume."""
+    """One rank's loop: epochs of training steps, the test split after each, checkpoints, resume.
+
+    Made, it has resumed from the newest complete checkpoint (with cfg.resume), written the
+    run's configs (`ds`: the DeepSpeed config, the recipe's other half, for the model card)
+    and opened its metrics."""
 
     def __init__(
         self,
@@ -208,6 +214,7 @@ class Trainer:
         source: FeatureSource,
         data: TrainData,
         draft_config,
+        ds: dict,
         *,
         micro: int,
         accum: int,
@@ -218,39 +225,33 @@ class Trainer:
     ):
         self.cfg, self.engine, self.source, self.data, self.draft_config = cfg, engine, source, data, draft_config
         self.micro, self.accum, self.rank, self.world, self.device = micro, accum, rank, world, device
-        self.total_steps, self.out = total_steps, Path(cfg.output_dir)
-        self.dtype = (
-            torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
-        )
+        self.total_steps, self.out, self.dtype = total_steps, Path(cfg.output_dir), engine_dtype(engine)
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0}
-
-    def start(self, ds: dict) -> None:
-        """Resume from the newest complete checkpoint if asked; write the run's configs; open the metrics."""
-        cfg = self.cfg
         if cfg.resume and (ckpt := checkpoint.latest_complete(self.out)):
-            self.state = checkpoint.load(self.engine, ckpt)
+            self.state = checkpoint.load(engine, ckpt)
             log.info("resumed from %s: %s", ckpt, self.state)
-        if self.rank == 0:
+        if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "train_config.json", to_dict(cfg))
-            write_json_atomic(self.out / "ds_config.json", ds)  # the recipe's other half, for the model card
-        self.metrics = MetricsLog(
-            self.out / "metrics.jsonl",
-            self.rank == 0,
-            tracking.open_tracker(cfg.report_to, self.out, to_dict(cfg)) if self.rank == 0 else None,
-        )
-
-    def fit(self) -> None:
-        """The epochs left: each trained to its end (or to max_steps), then scored on the test split and saved."""
+            write_json_atomic(self.out / "ds_config.json", ds)
+        tracker = tracking.open_tracker(cfg.report_to, self.out, to_dict(cfg)) if rank == 0 else None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", rank == 0, tracker)
+        self.stats = StepStats(cfg.ttt_steps)  # the training steps since the last log line
         self.bar = tqdm(
-            total=self.total_steps,
+            total=total_steps,
             initial=self.state["global_step"],
-            disable=self.rank != 0 or not self.cfg.progress,
+            disable=rank != 0 or not cfg.progress,
             desc="train",
             unit="step",
         )
-        self.stats = StepStats(self.cfg.ttt_steps)
-        self.done = self.state["global_step"] >= self.total_steps
+
+    @property
+    def done(self) -> bool:
+        """The run's steps are all taken (max_steps counted)."""
+        return self.state["global_step"] >= self.total_steps
+
+    def fit(self) -> None:
+        """The epochs left: each trained to its end (or to max_steps), then scored on the test split and saved."""
         for epoch in range(self.state["epoch"], self.cfg.epochs):
             if self.done:
                 break
@@ -273,15 +274,15 @@ class Trainer:
             else f.aux_hidden
         )
         result = self.engine(
-            aux_hidden.to(self.dtype),
-            batch["input_ids"],
-            loss_mask,
-            f.teacher,
-            f.teacher_ok,
-            cfg.ttt_steps,
-            cfg.ttt_decay,
-            cfg.loss_type,
-            cfg.ttt_impl,
+            aux_hidden=aux_hidden.to(self.dtype),
+            input_ids=batch["input_ids"],
+            loss_mask=loss_mask,
+            teacher=f.teacher,
+            teacher_ok=f.teacher_ok,
+            steps=cfg.ttt_steps,
+            decay=cfg.ttt_decay,
+            loss_type=cfg.loss_type,
+            impl=cfg.ttt_impl,
         )
         return result, int(batch["attention_mask"].sum()), loss_mask
 
@@ -313,7 +314,6 @@ class Trainer:
         """An optimizer step done: count it; every log_every steps and at the last, log the training metrics."""
         self.state["global_step"] += 1
         self.bar.update(1)
-        self.done = self.state["global_step"] >= self.total_steps
         if self.state["global_step"] % self.cfg.log_every == 0 or self.done:
             summary = self.stats.summary(self.device)
             self.bar.set_postfix(loss=summary["loss"][0], acc0=summary["acc"][0])

@@ -36,6 +36,7 @@ from .merged_attention import merged_ttt_attention
 from .teacher_loss import plain_teacher_ce, teacher_ce
 
 IMPLS = ("efficient", "reference")
+LOSS_TYPES = ("soft", "hard")  # KL to the target's distribution, or CE to its top-1
 
 
 def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -101,6 +102,7 @@ def ttt_unroll(
     loss_mask,
     teacher,
     teacher_ok,
+    *,
     steps: int = 7,
     decay: float = 0.8,
     loss_type: str = "soft",
@@ -111,8 +113,8 @@ def ttt_unroll(
     aux_hidden [B, L, 3H] fused-layer features; teacher [B, L, V_draft] target logits
     over the draft vocabulary; teacher_ok [B, L] whether the target's top-1 is in it.
     """
-    if loss_type not in ("soft", "hard"):
-        raise ValueError(f"loss_type must be 'soft' or 'hard', not {loss_type!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
     ce = teacher_ce if impl == "efficient" else plain_teacher_ce

@@ -12,7 +12,8 @@ looks healthy.  Each check prints PASS or FAIL with one line of why; the exit st
   mask        one training sample's loss mask, printed readably; neither all 0 nor all 1
   greedy      the EAGLE-3 server's greedy output equals the plain server's, token for token;
               where it differs, every token it served must still be the target's greedy
-              choice up to a near-tie (NEAR_TIE logits): in bf16, verifying k+1 tokens in one
+              choice up to a near-tie (NEAR_TIE bf16 steps of the target's top logit there): in
+              bf16, verifying k+1 tokens in one
               batch rounds differently than decoding one, so two tokens of equal score can
               swap; a token the target clearly did not pick fails
   acceptance  acceptance per draft position served (vLLM: its /metrics, counted per prompt;
@@ -31,191 +32,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
-import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import torch
 
+from .acceptance import summarize
 from .cli import Parser, UserError, cli, number
-from .evaluate import speculative, summarize
+from .decoding import eos_ids, load_models, speculative
 from .precision import AUTO
-from .precision import choose as choose_precision
 from .records import read_prompts, writing_system
+from .serving import ENGINES, Server, launched
 
-ROOT = Path(__file__).resolve().parents[1]
 # Served vs offline acceptance at one position, on the same outputs: they differ only by
 # floating-point order (vLLM's kernels vs HF's) and the bf16 export vs the trained weights.
 # A correct draft's largest gap measured here was 0.015 (docs/RESULTS.md): twice that.
 TOLERANCE = 0.03
-# How far (in logits) a served token may trail the target's top one and still count as its
-# greedy choice: about two bf16 steps at logit sizes of 16-32; float32 kernels differ in the
-# last bits only.  The offline target's own logits carry this rounding too.
-NEAR_TIE = {"bfloat16": 0.25, "float16": 0.05, "float32": 0.01}
-METRIC = re.compile(
-    r"^vllm:(spec_decode_num_drafts|spec_decode_num_accepted_tokens_per_pos|request_success)_total"
-    r"\{([^}]*)\}\s+([0-9.e+]+)$",
-    re.M,
-)
-
-
-class Server:
-    """One served model: its tokeniser, greedy decoding and, with a draft, its acceptance per prompt.
-
-    `/v1/models` gives the served name and max_model_len on both engines."""
-
-    def __init__(self, url: str):
-        self.root = url.rstrip("/").removesuffix("/v1")
-        self.http = httpx.Client(timeout=900)
-        card = self.get("/v1/models")["data"][0]
-        self.model, self.max_model_len = card["id"], card.get("max_model_len")
-
-    def get(self, path: str) -> dict:
-        return self.http.get(f"{self.root}{path}").raise_for_status().json()
-
-    def post(self, path: str, body: dict) -> dict:
-        return self.http.post(f"{self.root}{path}", json=body).raise_for_status().json()
-
-    def drafting_problem(self, k: int) -> str | None:
-        """Why the server's drafting is not the chain of k drafts verify compares with; None if it is."""
-        return None
-
-
-class VllmServer(Server):
-    """An OpenAI-compatible vLLM server: greedy chat, speculative counters from /metrics."""
-
-    def tokenize(self, messages: list[dict]) -> list[int]:
-        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
-        return self.post("/tokenize", body)["tokens"]
-
-    def greedy(self, messages: list[dict], prompt_ids: list[int], max_tokens: int) -> list[int]:
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        }
-        return self.post("/v1/chat/completions", body)["choices"][0]["token_ids"]
-
-    def speculative(self, messages, prompt_ids, max_tokens: int, k: int) -> tuple[list[int], float, list[float]]:
-        """(greedy output, drafts, accepted per draft position) of one request: /metrics before and after."""
-        finished = self.counters()[0]
-        before = self.spec_counts(finished)
-        out = self.greedy(messages, prompt_ids, max_tokens)
-        after = self.spec_counts(finished + 1)
-        return out, after[0] - before[0], [after[1].get(i, 0) - before[1].get(i, 0) for i in range(k)]
-
-    def counters(self) -> tuple[float, float, dict[int, float]]:
-        """(requests finished, drafts, accepted tokens per draft position) so far."""
-        done = drafts = 0.0
-        per_pos: dict[int, float] = {}
-        for kind, labels, value in METRIC.findall(self.http.get(f"{self.root}/metrics").text):
-            if kind == "request_success":
-                done += float(value)
-            elif kind == "spec_decode_num_drafts":
-                drafts += float(value)
-            else:
-                pos = int(re.search(r'position="(\d+)"', labels).group(1))
-                per_pos[pos] = per_pos.get(pos, 0.0) + float(value)
-        return done, drafts, per_pos
-
-    def spec_counts(self, finished: float, timeout: float = 30.0) -> tuple[float, dict[int, float]]:
-        """(drafts, accepted per position) once `finished` requests are in the metrics: the
-        server publishes them a moment after it answers."""
-        deadline = time.monotonic() + timeout
-        while (now := self.counters())[0] < finished and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return now[1], now[2]
-
-
-class SglangServer(Server):
-    """An SGLang server: /tokenize renders `messages` as its chat endpoint does (generation prompt
-    included); /generate decodes the prompt's ids; a speculative request's meta_info holds
-    spec_verify_ct (rounds) and spec_correct_drafts_histogram (rounds that accepted j drafts)."""
-
-    def tokenize(self, messages: list[dict]) -> list[int]:
-        return self.post("/tokenize", {"model": self.model, "messages": messages})["tokens"]
-
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> dict:
-        params = {"temperature": 0, "max_new_tokens": max_tokens}
-        return self.post("/generate", {"input_ids": prompt_ids, "sampling_params": params})
-
-    def greedy(self, messages, prompt_ids: list[int], max_tokens: int) -> list[int]:
-        return self.generate(prompt_ids, max_tokens)["output_ids"]
-
-    def speculative(self, messages, prompt_ids, max_tokens: int, k: int) -> tuple[list[int], float, list[float]]:
-        """In a chain, draft position i is accepted in the rounds that accepted more than i drafts."""
-        r = self.generate(prompt_ids, max_tokens)
-        hist = r["meta_info"].get("spec_correct_drafts_histogram") or []
-        return r["output_ids"], r["meta_info"].get("spec_verify_ct", 0), [sum(hist[i + 1 :]) for i in range(k)]
-
-    def drafting_problem(self, k: int) -> str | None:
-        info = self.get("/server_info")
-        algo, topk, steps, tokens = (
-            info.get(f"speculative_{name}") for name in ("algorithm", "eagle_topk", "num_steps", "num_draft_tokens")
-        )
-        if str(algo).upper() not in ("EAGLE", "EAGLE3"):
-            return f"{self.root} does not draft with EAGLE-3 (speculative_algorithm {algo})"
-        if (topk or 1) > 1:
-            return (
-                f"{self.root} drafts a tree (speculative_eagle_topk {topk}): verify compares per-position "
-                f"acceptance of chain drafting only; serve with --eagle-topk 1 --num-steps {k} "
-                f"--num-draft-tokens {k + 1}"
-            )
-        if (steps, tokens) != (k, k + 1):
-            return f"{self.root} drafts {steps} steps, {tokens} draft tokens; --k {k} needs {k} and {k + 1}"
-        return None
-
-
-ENGINES = {"vllm": VllmServer, "sglang": SglangServer}
-
-
-def eagle_flags(engine: str, draft: Path, k: int) -> list[str]:
-    """serve.sh's flags for an EAGLE-3 chain of k drafts."""
-    chain = {
-        "vllm": f"--num-speculative-tokens {k}",
-        "sglang": f"--num-steps {k} --eagle-topk 1 --num-draft-tokens {k + 1}",
-    }
-    return ["--eagle", "--draft", str(draft), *chain[engine].split()]
-
-
-@contextmanager
-def launched(engine: str, target: str, draft: Path | None, k: int, max_model_len: int, log_dir: Path, dtype: str):
-    """A server started by benchmark/<engine>/serve.sh on a free port, stopped on exit."""
-    from .net import free_port
-
-    port = free_port()
-    eagle = eagle_flags(engine, draft, k) if draft else []
-    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir))
-    serve = ["bash", str(ROOT / "benchmark" / engine / "serve.sh")]
-    try:
-        subprocess.run(
-            [
-                *serve,
-                *eagle,
-                "--target",
-                target,
-                "--served-name",
-                "verify",
-                "--port",
-                str(port),
-                "--max-model-len",
-                str(max_model_len),
-                "--dtype",
-                dtype,
-            ],
-            env=env,
-            check=True,
-        )
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        subprocess.run([*serve, *eagle[:1], "--stop"], env=env, check=False)
+# How far a served token may trail the target's top one and still count as its greedy choice,
+# in steps of bfloat16 at the top logit's size (2^(exponent - 7): 0.125 at 16-32, 0.5 at 64-128),
+# so that it means the same on every target whatever the size of its logits: two steps in
+# bf16; float16 and float32 kernels differ in their last bits only.  The offline target's own
+# logits carry this rounding too.
+NEAR_TIE = {"bfloat16": 2.0, "float16": 0.5, "float32": 0.125}
 
 
 def around(tokenizer, ids: list[int], i: int) -> str:
@@ -308,11 +147,10 @@ class Verifier:
 
     def offline(self, rows: list[dict]) -> None:
         """Each row's drafts accepted per round, offline, forced along the served output."""
-        from .evaluate import _eos_ids
         from .features import AuxHooks
 
         hooks = AuxHooks(self.target, self.draft.config.eagle_aux_hidden_state_layer_ids)
-        eos = _eos_ids(self.target, self.tokenizer)
+        eos = eos_ids(self.target, self.tokenizer)
         try:
             for r in rows:
                 gen = speculative(
@@ -388,21 +226,27 @@ class Verifier:
         self.report["prompts"] = [{k: v for k, v in r.items() if k != "sample"} for r in rows]
 
 
-def greedy_gaps(target, prompt_ids: list[int], output: list[int]) -> list[float]:
-    """Per output token, how far (in logits) it trails the target's top token after the same
-    prefix: 0 where it is the greedy choice.  One target pass over prompt + output."""
+def bf16_step(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at |x| (8 significant bits): 2^(exponent - 7)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
+
+
+def greedy_gaps(target, prompt_ids: list[int], output: list[int]) -> list[tuple[float, float]]:
+    """Per output token, (how far in logits it trails the target's top token after the same
+    prefix, one bf16 step at that top logit): 0 where it is the greedy choice.  One target pass."""
     with torch.no_grad():
         logits = target(torch.tensor([prompt_ids + output])).logits[0, len(prompt_ids) - 1 : -1].float()
     chosen = logits.gather(-1, torch.tensor(output)[:, None])[:, 0]
-    return (logits.max(-1).values - chosen).tolist()
+    top = logits.max(-1).values
+    return list(zip((top - chosen).tolist(), bf16_step(top).tolist()))
 
 
 def greedy_check(target, rows: list[dict], tolerance: float) -> tuple[str | None, str, int]:
     """(problem or None, the line when it passes, how many outputs differ at near-ties only).
 
     An output that differs from plain greedy passes when each of its tokens trails the
-    target's top token by at most `tolerance` logits: two near-equal candidates swapped by
-    rounding, after which the two answers go their own ways.
+    target's top token by at most `tolerance` bf16 steps of that top logit: two near-equal
+    candidates swapped by rounding, after which the two answers go their own ways.
     """
     differ = [r for r in rows if r["output"] != r["plain_output"]]
     if not differ:
@@ -413,13 +257,15 @@ def greedy_check(target, rows: list[dict], tolerance: float) -> tuple[str | None
             (i for i, (a, b) in enumerate(zip(r["output"], r["plain_output"])) if a != b),
             min(len(r["output"]), len(r["plain_output"])),
         )
-    worst = max(differ, key=lambda r: max(r["greedy_gaps"]))
-    gap = max(worst["greedy_gaps"])
-    at = worst["greedy_gaps"].index(gap)
-    if gap > tolerance:
+    _, worst, at = max(
+        ((gap / step, r, i) for r in differ for i, (gap, step) in enumerate(r["greedy_gaps"])), key=lambda t: t[0]
+    )
+    gap, step = worst["greedy_gaps"][at]
+    if gap > tolerance * step:
         return (
             f"{len(differ)} of {len(rows)} outputs differ from plain greedy; prompt {worst['id']}'s output token "
-            f"{at} trails the target's greedy choice by {gap:.3f} logits (a near-tie is <= {tolerance})",
+            f"{at} trails the target's greedy choice by {gap:.3f} logits, {gap / step:.2f} bf16 steps of "
+            f"{step:g} (a near-tie is <= {tolerance:g} steps)",
             "",
             0,
         )
@@ -428,7 +274,8 @@ def greedy_check(target, rows: list[dict], tolerance: float) -> tuple[str | None
         (
             f"{len(rows) - len(differ)} of {len(rows)} outputs identical to plain greedy; {len(differ)} part "
             f"at a near-tie (first at token {min(r['first_difference'] for r in differ)}), every served token "
-            f"within {gap:.3f} logits of the target's greedy choice (<= {tolerance})"
+            f"within {gap / step:.2f} bf16 steps ({gap:.3f} logits) of the target's greedy choice "
+            f"(<= {tolerance:g} steps)"
         ),
         len(differ),
     )
@@ -475,29 +322,33 @@ def parse_args(argv=None):
 
 @cli
 def main(argv=None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .default_model import resolve_target
-    from .evaluate import draft_for
-    from .export import check, find_draft_folder
+    from .draft import find_draft_folder
+    from .export import check
 
     args = parse_args(argv)
     prompts = read_prompts(args.prompts, args.num_prompts, max_turns=1)  # the user's files first, before any model
     if not prompts:
         raise UserError(f"{args.prompts}: no usable prompts")
-    served, trained = find_draft_folder(args.draft), find_draft_folder(args.trained or args.draft)
-    path = resolve_target(args.target)
+    served, path = find_draft_folder(args.draft), resolve_target(args.target)
     if args.engine == "sglang" and (problems := check(served, str(path), "sglang")):
         raise UserError(f"{served} is not an SGLang draft folder for this target: {'; '.join(problems)}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    args.dtype = choose_precision("cpu", args.dtype)[0]
-    target = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-    draft = draft_for(trained, target, "cpu", getattr(torch, args.dtype))
+    tokenizer, target, draft, args.dtype, _ = load_models(args.target, args.trained or args.draft, args.dtype, "cpu")
     with ExitStack() as stack:
         if args.launch:
-            settings = (args.k, args.max_model_len, Path(args.out).resolve().parent / "verify-serve", args.dtype)
+            log_dir = Path(args.out).resolve().parent / "verify-serve"
             for name, draft_folder in (("baseline_url", None), ("base_url", served)):
-                setattr(args, name, stack.enter_context(launched(args.engine, path, draft_folder, *settings)))
+                server = launched(
+                    args.engine,
+                    path,
+                    draft=draft_folder,
+                    k=args.k,
+                    dtype=args.dtype,
+                    served_name="verify",
+                    max_model_len=args.max_model_len,
+                    log_dir=log_dir,
+                )
+                setattr(args, name, stack.enter_context(server))
         base, eagle = ENGINES[args.engine](args.baseline_url), ENGINES[args.engine](args.base_url)
         if problem := eagle.drafting_problem(args.k):
             raise UserError(problem)

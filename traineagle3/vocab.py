@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cache import publish
+from .atomic import publish
 
 
 @dataclass

@@ -16,7 +16,7 @@ EAGLE_TOPK="${EAGLE_TOPK:-1}" NUM_DRAFT_TOKENS="${NUM_DRAFT_TOKENS:-4}"
 MEM_FRACTION_STATIC="${MEM_FRACTION_STATIC:-}" MAX_TOTAL_TOKENS="${MAX_TOTAL_TOKENS:-}"
 CUDA_GRAPH_MAX_BS="${CUDA_GRAPH_MAX_BS:-}"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOT
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOT
 
 flags ([environment variable] = default):
 $COMMON_FLAGS

@@ -21,10 +21,10 @@ import torch
 from transformers import AutoConfig
 
 from traineagle3 import tracking
-from traineagle3.cache import cache_root
+from traineagle3.atomic import cache_root
 from traineagle3.cli import Parser, UserError, cli, read_json_object
 from traineagle3.config import TrainConfig, add_arguments, from_args
-from traineagle3.default_model import DEFAULT_TARGET, resolve_target
+from traineagle3.default_model import check_target, resolve_target
 from traineagle3.distributed import init_distributed, local_rank0_first
 from traineagle3.draft import load_overrides
 from traineagle3.feature_source import Target
@@ -73,17 +73,6 @@ def read_ds_config(path: str | None) -> dict:
     return ds
 
 
-def check_target(name: str) -> None:
-    """A target that names a folder must hold a model's config.json; any other name is a Hub model's."""
-    path = Path(name).expanduser()
-    if name == DEFAULT_TARGET or (path.is_dir() and (path / "config.json").is_file()):
-        return
-    if path.is_dir():
-        raise UserError(f"{name}: no config.json: not a model folder")
-    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise UserError(f"{name}: no such model folder")
-
-
 @cli
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -128,6 +117,7 @@ def main(argv=None) -> None:
         source,
         data,
         draft.config,
+        ds,
         micro=micro,
         accum=accum,
         rank=rank,
@@ -135,7 +125,6 @@ def main(argv=None) -> None:
         device=device,
         total_steps=total_steps,
     )
-    trainer.start(ds)  # resume, write the run's configs, open the metrics
     trainer.fit()
     trainer.finish()
 

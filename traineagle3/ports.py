@@ -1,4 +1,4 @@
-"""Loopback ports for the processes we start: DeepSpeed's rendezvous, vLLM servers."""
+"""Loopback ports for the processes we start: DeepSpeed's rendezvous, vLLM and SGLang servers."""
 
 from __future__ import annotations
 

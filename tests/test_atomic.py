@@ -1,6 +1,6 @@
 import pytest
 
-from traineagle3.cache import publish
+from traineagle3.atomic import publish
 
 
 def test_publish_is_all_or_nothing_and_first_writer_wins(tmp_path):
