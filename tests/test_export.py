@@ -152,14 +152,15 @@ def test_export_for_sglang_refuses_an_option_sglang_ignores_in_one_line(tiny_tar
         {"norm_before_residual": True, "norm_output": True},
     )
     capsys.readouterr()  # the target's loading progress
-    code = export_main(
-        ["--draft", str(folder), "--target", str(tiny_target), "--engine", engine, "--out", str(tmp_path / "out")]
-    )
+    with pytest.raises(SystemExit) as e:
+        export_main(
+            ["--draft", str(folder), "--target", str(tiny_target), "--engine", engine, "--out", str(tmp_path / "out")]
+        )
     err = capsys.readouterr().err
     assert (
-        code == 2
+        e.value.code == 2
         and err
-        == f"export: {folder}: cannot export for sglang: norm_before_residual: SGLang's Llama draft "
+        == f"error: {folder}: cannot export for sglang: norm_before_residual: SGLang's Llama draft "
         "ignores it (its residual is always the un-normalised hidden); export it with --engine vllm\n"
     )
     assert not (tmp_path / "out").exists()  # refused before anything is written, the vLLM folder too
@@ -439,7 +440,7 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     assert (
         r.returncode == 2
         and r.stderr
-        == f"export: {tmp_path / 'nowhere'}: no draft here (expected config.json + "
+        == f"error: {tmp_path / 'nowhere'}: no draft here (expected config.json + "
         "model.safetensors, or draft/ with them)\n"
     )
 

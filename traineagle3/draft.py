@@ -332,7 +332,7 @@ def load_draft(folder: str | Path, target_embedding: torch.Tensor | None = None)
     result = draft.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("embed_tokens.")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{folder}: missing weights {missing}, unexpected {result.unexpected_keys}")
+        raise UserError(f"{folder}: missing weights {missing}, unexpected {result.unexpected_keys}")
     if target_embedding is not None:
         draft.embed_tokens.weight.data.copy_(target_embedding)
     return draft.to(next(v for v in weights.values() if v.is_floating_point()).dtype)

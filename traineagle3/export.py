@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import card, hub
 from .atomic import write_json_atomic
-from .cli import UserError
+from .cli import Parser, UserError, cli
 from .default_model import check_target, resolve_target
 from .draft import OPTIONS, find_draft_folder
 
@@ -139,7 +139,7 @@ def export(
     write_json_atomic(out / "config.json", serving)
     problems = check(out, target_cfg, engine)
     if problems:
-        raise ValueError(f"{out}: exported folder fails its check: " + "; ".join(problems))
+        raise UserError(f"{out}: exported folder fails its check: " + "; ".join(problems))
     facts = facts or card.gather(src, target, resolve_target(target), [])
     ids = serving["eagle_config"]["eagle_aux_hidden_state_layer_ids"]  # in this engine's numbering
     card.write(out, engine, facts, target, ids, hashlib.sha256(tensors["d2t"].numpy().tobytes()).hexdigest(), hub_repo)
@@ -297,15 +297,8 @@ def weight_problems(cfg: dict, w: dict, t, problems: Problems) -> None:
         )
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """A bad flag is one line naming it (exit status 2), not the usage of every flag."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(
+    p = Parser(
         prog="python -m traineagle3.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--target", required=True, help="target model folder or hub name (or the embedded default's name)")
@@ -323,6 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the engine folders to this Hub model repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--license", help="the draft's license for its card (default: the target's where known, else other)")
     p.add_argument("--check", metavar="DIR", help="only check an exported folder against --target")
     args = p.parse_args(argv)
     if args.check and args.engine == "both":
@@ -347,23 +341,23 @@ def run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     engines = list(ENGINES) if args.engine == "both" else [args.engine]
     refuse_unsupported(find_draft_folder(args.draft), engines)
-    facts = card.gather(find_draft_folder(args.draft), args.target, local_target(args.target), args.results)
+    folder = find_draft_folder(args.draft)
+    facts = card.gather(folder, args.target, local_target(args.target), args.results, license=args.license)
     for engine in engines:
         out = export(args.draft, args.target, engine, Path(args.out) / engine, args.dtype, facts, args.push_to_hub)
         print(f"{out}: {engine} draft, checked against {args.target}; model card {out / 'README.md'}")
     if args.push_to_hub:
-        print(f"uploaded to {hub.push(Path(args.out), engines, args.push_to_hub, args.private)}")
+        try:
+            print(f"uploaded to {hub.push(Path(args.out), engines, args.push_to_hub, args.private)}")
+        except OSError as e:  # the Hub's refusal (token, repo name, network): the user's to fix
+            raise UserError(f"push to {args.push_to_hub}: {str(e).splitlines()[0]}") from None
     return 0
 
 
+@cli
 def main(argv=None) -> int:
     """Bad input (a missing file, an unreadable results file, a folder failing its check): one line, exit status 2."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (OSError, ValueError) as e:
-        print(f"export: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .cli import UserError
+
 
 @dataclass
 class Measurement:
@@ -67,7 +69,7 @@ def read_results(spec: str) -> list[Measurement]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not JSON ({e})") from None
+        raise UserError(f"{file}: not JSON ({e})") from None
     name, date = name or path.stem, file_date(path)
     if isinstance(data, dict) and "tau" in data.get("total", {}):
         t = data["total"]
@@ -98,4 +100,4 @@ def read_results(spec: str) -> list[Measurement]:
             for r in data
             if r["server"] == "eagle3" and r.get("acceptance_length") is not None
         ]
-    raise ValueError(f"{file}: neither an evaluate.py result nor a benchmark compare.json")
+    raise UserError(f"{file}: neither an evaluate.py result nor a benchmark compare.json")
