@@ -64,8 +64,9 @@ def median_ms(fn, iters: int) -> float:
 
 def torch_timings(args) -> dict[str, dict[str, float]]:
     """{measurement: {dtype: ms}} for the feature pass and the draft step."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from .decoding import load_target
     from .draft import Eagle3Draft, default_aux_layers
     from .features import TargetFeatures
     from .vocab import VocabMap
@@ -84,7 +85,7 @@ def torch_timings(args) -> dict[str, dict[str, float]]:
 
     runs = {}
     for name, dtype in DTYPES.items():
-        features = TargetFeatures(AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype), aux, vocab)
+        features = TargetFeatures(load_target(args.target, dtype)[1], aux, vocab)
         torch.manual_seed(0)
         draft = Eagle3Draft.from_target(config, vocab, aux, overrides=overrides, dtype=dtype)
         opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5)
