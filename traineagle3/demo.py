@@ -111,7 +111,7 @@ class Demo:
         from .default_model import convert_default_target
 
         draft = self.out / "exported" / "vllm" if name == "eagle3" else None
-        settings = {"served_name": SERVED_NAME, "max_model_len": 2048, "log_dir": self.out / "serve", "env": self.env}
+        settings = {"served_name": SERVED_NAME, "max_model_len": 2048, "env": self.env}  # env: LOG_DIR out/serve
         with launched("vllm", convert_default_target(), dtype=self.dtype, draft=draft, k=self.p["k"], **settings) as u:
             self.urls[name] = u
             yield

@@ -142,7 +142,7 @@ def export(
         raise UserError(f"{out}: exported folder fails its check: " + "; ".join(problems))
     facts = facts or card.gather(src, target, resolve_target(target), [])
     ids = serving["eagle_config"]["eagle_aux_hidden_state_layer_ids"]  # in this engine's numbering
-    card.write(out, engine, facts, target, ids, hashlib.sha256(tensors["d2t"].numpy().tobytes()).hexdigest(), hub_repo)
+    card.write(out, engine, facts, ids, hashlib.sha256(tensors["d2t"].numpy().tobytes()).hexdigest(), hub_repo)
     return out
 
 
