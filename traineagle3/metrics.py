@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .acceptance import decode_rounds, round_stats
+from .acceptance import round_stats
 from .tracking import scalars
 
 
@@ -26,8 +26,8 @@ class StepStats:
         self.tokens = 0
         self.started = time.perf_counter()
 
-    def add(self, result, tokens: int, answers: torch.Tensor | None = None) -> None:
-        """Sum one batch in; with `answers` (its answer-token mask) also replay decoding them."""
+    def add(self, result, tokens: int, rounds: torch.Tensor | None = None) -> None:
+        """Sum one batch in; `rounds`: its answers' greedy decoding replayed (acceptance.decode_rounds)."""
         count = torch.stack(result.count).double().cpu()
         self.loss += torch.stack(result.step_loss).double().cpu() * count  # token-weighted
         self.correct += torch.stack(result.correct).double().cpu()
@@ -35,8 +35,8 @@ class StepStats:
         self.accepted += torch.stack(result.accepted).double().cpu()
         self.scored += result.scored.double().cpu()
         self.tokens += tokens
-        if answers is not None:
-            self.rounds += decode_rounds(result.run, answers, len(self.loss))
+        if rounds is not None:
+            self.rounds += rounds
 
     def summary(self, device="cpu") -> dict:
         import torch.distributed as dist

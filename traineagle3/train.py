@@ -5,28 +5,33 @@ the `Trainer`'s loop (epochs of steps, the test split after each, checkpoints, r
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from . import checkpoint, precision, tracking
-from .atomic import write_json_atomic
-from .cli import UserError
-from .config import TrainConfig, to_dict
+from .acceptance import decode_rounds
+from .atomic import cache_root, write_json_atomic
+from .cli import Parser, UserError, read_json_object
+from .config import TrainConfig, add_arguments, from_args, to_dict
 from .data import DataConfig, dataset_key, epoch_batches, load_tokenized, split_train_test
-from .distributed import local_rank0_first
-from .draft import Eagle3Draft, default_aux_layers, derive_draft_config, to_vllm_layer_ids
+from .default_model import check_target, resolve_target
+from .distributed import init_distributed, local_rank0_first
+from .draft import Eagle3Draft, default_aux_layers, derive_draft_config, load_overrides, to_vllm_layer_ids
 from .feature_source import CachedFeatures, FeatureSource, OnlineFeatures, Target
 from .features import add_feature_noise
 from .metrics import MetricsLog, StepStats, peak_memory
+from .records import source_path
 from .target_tensors import final_norm
 from .vocab import VocabMap, build_vocab_map, load_or_build, vocab_key
 
@@ -200,6 +205,147 @@ def build_engine(draft: Eagle3Draft, ds: dict, target_dtype: str):
     return engine
 
 
+def training_parser(description: str) -> Parser:
+    """main.py's flags: the TrainConfig fields, --config, and DeepSpeed's own."""
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_arguments(parser)
+    deepspeed.add_config_arguments(parser)
+    return parser
+
+
+def read_ds_config(path: str | None) -> dict:
+    """The user's DeepSpeed config; it must give the micro batch size, which sizes the data split."""
+    if not path:
+        raise UserError("--deepspeed_config is required (e.g. ds_config.json; see --help)")
+    ds = read_json_object(path)
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or micro < 1:
+        raise UserError(f"{path}: train_micro_batch_size_per_gpu must be a whole number of at least 1, not {micro!r}")
+    optimizer, clip = ds.get("optimizer", {}).get("type", ""), ds.get("gradient_clipping", 0)
+    if str(optimizer).lower() == "muon" and clip:
+        # DeepSpeed (0.19) computes the clipping norm after Newton-Schulz, over updates whose norm
+        # is ~sqrt(width) per matrix: every step shrank ~100x and the draft hardly trained
+        raise UserError(
+            f"{path}: gradient_clipping {clip} with the Muon optimizer clips Muon's orthogonalized updates, "
+            "not the gradients, and shrinks every step (docs/RESULTS.md); set gradient_clipping to 0"
+        )
+    return ds
+
+
+def nested_subsets(train_idx: list[int], fractions: list[float], seed: int) -> list[list[int]]:
+    """The first round(f x N) samples of one seeded permutation, for each fraction f: every
+    smaller subset lies inside every larger one, and fraction 1 is `train_idx` itself."""
+    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed)).tolist()
+    subsets = []
+    for f in fractions:
+        n = max(1, round(f * len(train_idx)))
+        subsets.append(list(train_idx) if n >= len(train_idx) else sorted(train_idx[i] for i in order[:n]))
+    return subsets
+
+
+@dataclass
+class Run:
+    """What every draft of a run shares: the configs, the ranks, the data, the frozen target and
+    the draft vocabulary.  `main.py` trains one draft from it; `forecast` one per data fraction."""
+
+    cfg: TrainConfig
+    ds: dict
+    micro: int
+    accum: int
+    rank: int
+    world: int
+    device: torch.device
+    cache: Path
+    data: TrainData
+    target: Target
+    aux: list[int]
+    vocab: VocabMap
+    overrides: dict
+    ds_path: str
+
+    @classmethod
+    def prepare(cls, args, fractions: list[float] = (1.0,)) -> tuple[Run, list[list[int]]]:
+        """The user's files checked, then the process group, the data and the target; with the
+        training subsets of `fractions`, each checked to fill a global batch before any target pass."""
+        cfg: TrainConfig = from_args(args)
+        tracking.require(cfg.report_to)
+        ds = read_ds_config(args.deepspeed_config)
+        micro, accum = ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1)
+        check_target(cfg.target)
+        for source in (cfg.train_data, cfg.test_data):
+            if source:
+                source_path(source)
+        overrides = load_overrides(cfg.draft_config)
+        rank, world, device = init_distributed()
+        logging.basicConfig(
+            level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+        )
+        log.info("%d rank(s) on %s, %d CPU threads each (OMP_NUM_THREADS)", world, device, torch.get_num_threads())
+        cache = Path(cfg.cache_dir or cache_root())
+        target_path = local_rank0_first(lambda: resolve_target(cfg.target))
+        data = load_data(cfg, target_path, cache)
+        subsets = nested_subsets(data.train_idx, fractions, cfg.seed)
+        for subset in subsets:
+            steps_per_epoch(cfg, replace(data, train_idx=subset), micro, accum, world, args.deepspeed_config)
+        target = Target(target_path, AutoConfig.from_pretrained(target_path), target_dtype(cfg, device), device)
+        aux = aux_layer_ids(cfg, target)
+        vocab = build_vocab(cfg, data, target, cache)
+        check_draft_config(cfg, target, vocab, aux, overrides)
+        run = cls(
+            cfg,
+            ds,
+            micro,
+            accum,
+            rank,
+            world,
+            device,
+            cache,
+            data,
+            target,
+            aux,
+            vocab,
+            overrides,
+            args.deepspeed_config,
+        )
+        return run, subsets
+
+    def features(self) -> FeatureSource:
+        """Collective: the target's features of every split (the offline cache filled, with --feature_cache)."""
+        return feature_source(
+            self.cfg, self.target, self.aux, self.vocab, self.data, self.cache, self.micro, self.rank, self.world
+        )
+
+    def train(self, source: FeatureSource, train_idx: list[int], output_dir: str) -> Trainer:
+        """Collective: a draft trained on `train_idx` (its epochs, its LR schedule), scored on the
+        test split after each epoch, into `output_dir`; a killed run resumes there with cfg.resume."""
+        cfg, data = replace(self.cfg, output_dir=str(output_dir)), replace(self.data, train_idx=train_idx)
+        epoch_steps = steps_per_epoch(cfg, data, self.micro, self.accum, self.world, self.ds_path)
+        draft = build_draft(cfg, self.target, self.vocab, self.aux, self.overrides, source)
+        ds = fill_schedule(copy.deepcopy(self.ds), cfg.epochs * epoch_steps)
+        # max_steps only stops early: the LR schedule stays that of the whole run, so a
+        # run stopped by it and resumed without it trains exactly like one never stopped
+        total_steps = min(cfg.epochs * epoch_steps, cfg.max_steps or 1 << 62)
+        engine = build_engine(draft, ds, self.target.dtype)
+        trainer = Trainer(
+            cfg,
+            engine,
+            source,
+            data,
+            draft.config,
+            ds,
+            micro=self.micro,
+            accum=self.accum,
+            rank=self.rank,
+            world=self.world,
+            device=self.device,
+            total_steps=total_steps,
+        )
+        trainer.fit()
+        trainer.finish()
+        return trainer
+
+
 class Trainer:
     """One rank's loop: epochs of training steps, the test split after each, checkpoints, resume.
 
@@ -227,6 +373,7 @@ class Trainer:
         self.micro, self.accum, self.rank, self.world, self.device = micro, accum, rank, world, device
         self.total_steps, self.out, self.dtype = total_steps, Path(cfg.output_dir), engine_dtype(engine)
         self.state = {"global_step": 0, "epoch": 0, "batches_done": 0}
+        self.test_rounds: dict[int, list[int]] = {}  # the last evaluate's, per test sample
         if cfg.resume and (ckpt := checkpoint.latest_complete(self.out)):
             self.state = checkpoint.load(engine, ckpt)
             log.info("resumed from %s: %s", ckpt, self.state)
@@ -256,7 +403,6 @@ class Trainer:
             if self.done:
                 break
             position, at = self.train_epoch(epoch)
-            self.engine.eval()
             self.evaluate(at)
             self.save(**position)
         self.bar.close()
@@ -327,17 +473,31 @@ class Trainer:
             )
             self.stats = StepStats(self.cfg.ttt_steps)
 
-    def evaluate(self, epoch: float) -> None:
-        """The test split, each rank a share: losses, accuracies and greedy decoding of its answers replayed."""
+    def score(self) -> tuple[dict, dict]:
+        """Collective: the test split, each rank a share: losses, accuracies and greedy decoding of
+        its answers replayed; and each test sample's histogram of drafts accepted per round (so that
+        the test split can be resampled: forecast.py), from every rank."""
         cfg, test_idx = self.cfg, self.data.test_idx
         per_rank = len(test_idx) // self.world
         mine = test_idx[self.rank :: self.world][:per_rank]
-        stats = StepStats(cfg.ttt_steps)
+        stats, rounds = StepStats(cfg.ttt_steps), {}
+        self.engine.eval()
         with torch.no_grad():
             for i in range(0, per_rank, self.micro):
-                result, tokens, answers = self.run(mine[i : i + self.micro], "test")
-                stats.add(result, tokens, answers=answers)
-        summary = stats.summary(self.device)
+                batch = mine[i : i + self.micro]
+                result, tokens, answers = self.run(batch, "test")
+                hists = [
+                    decode_rounds(result.run[r : r + 1], answers[r : r + 1], cfg.ttt_steps) for r in range(len(batch))
+                ]
+                stats.add(result, tokens, rounds=sum(hists))
+                rounds.update({sample: hist.long().tolist() for sample, hist in zip(batch, hists)})
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, rounds)
+        return stats.summary(self.device), {k: v for part in gathered for k, v in part.items()}
+
+    def evaluate(self, epoch: float) -> None:
+        """Collective: the test split scored, logged, and its per-sample rounds kept in `test_rounds`."""
+        summary, self.test_rounds = self.score()
         self.metrics.write(step=self.state["global_step"], epoch=epoch, split="test", **summary)
         if "tau" in summary:
             log.info(
@@ -346,9 +506,9 @@ class Trainer:
                 epoch,
                 summary["tau"],
                 " ".join(f"{a:.3f}" for a in summary["round_acceptance"]),
-                per_rank * self.world,
+                len(self.test_rounds),
                 summary["rounds"],
-                cfg.ttt_steps,
+                self.cfg.ttt_steps,
                 100 * summary["in_draft_vocab"],
             )
 
