@@ -4,6 +4,7 @@ and one tiny forecast end to end on the test target (main.py's recipe on each fr
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,23 @@ def test_tiny_forecast_end_to_end_then_resumed(tiny_target, chat_jsonl, tmp_path
     assert again.returncode == first.returncode, again.stderr[-3000:]
     assert results[1].exists() and all(stamps[p] == p.stat().st_mtime_ns for p in (results[0], results[2]))
     assert again.stderr.count("done, read back") == 2
+
+
+def test_two_ranks_each_score_a_share_and_the_forecast_gathers_them(tiny_target, chat_jsonl, tmp_path):
+    """Under the deepspeed launcher: every held-out sample's rounds reach rank 0's result, once."""
+    ds, out = ds_config(tmp_path, accum=1), tmp_path / "forecast"
+    cmd = forecast_cmd(tiny_target, chat_jsonl, out, ds, tmp_path / "cache", "1/2,1")
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29561"]
+    r = subprocess.run(
+        [*launcher, "--module", *cmd[2:]], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 2 and "error: no forecast: 2 fraction(s)" in r.stderr + r.stdout, (r.stdout + r.stderr)[
+        -3000:
+    ]
+    for result in out.glob("fraction-*/result.json"):
+        point = json.loads(result.read_text())
+        last = json.loads((result.parent / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (
+            sum(sum(h) for h in point["test_rounds"].values()) == last["rounds"] and len(point["test_rounds"]) % 2 == 0
+        )
+    assert len(list(out.glob("fraction-*/result.json"))) == 2

@@ -43,7 +43,6 @@ log = logging.getLogger("traineagle3")
 DEFAULT_FRACTIONS = "1/8,1/4,1/2,1"
 MULTIPLES = (2, 4, 10, 100)  # of the pilot's size, in the table
 REACH = 1000  # --target-tau: further than this many times the pilot, "not reached"
-EXPONENTS = np.geomspace(0.01, 4.0, 400)  # b's grid: 0.01 is nearly log-linear, 4 levels off within a doubling
 RESAMPLES = 200
 RESULT = "result.json"
 # TrainConfig fields that change where a run writes or how it logs, not what it trains
@@ -218,13 +217,16 @@ def table(points: list[dict], result: dict, feature_minutes: float) -> str:
             f"check: the fit of the smaller fractions predicts {check['predicted']:.3f} at "
             f"{check['conversations']:,} conversations; measured {check['measured']:.3f}"
         )
-    per_conv = points[-1]["minutes"] / points[-1]["conversations"]
-    lines.append(f"\n{'data':>6}  {'conversations':>13}  {'predicted tau':>13}  {'band':>13}  training minutes here")
+    lines.append(f"\n{'data':>6}  {'conversations':>13}  {'predicted tau':>13}  {'band':>13}  minutes here")
     for p in result["predictions"]:
         lo, hi = p["band"]
-        minutes = p["conversations"] * (per_conv + feature_minutes / points[-1]["conversations"])
         row = f"{p['multiple']:>5}x  {p['conversations']:>13,}  {p['tau']:>13.3f}  {lo:>6.3f}-{hi:<6.3f}"
-        lines.append(f"{row}  {minutes:>10.0f}")
+        lines.append(f"{row}  {minutes_at(points, feature_minutes, p['conversations']):>12.0f}")
+    if (more := data_for(f, result["fitted"][-1] + 0.1, REACH * points[-1]["conversations"])) is not None:
+        lines.append(
+            f"tau {result['fitted'][-1] + 0.1:.3f}, +0.1 over the pilot's fit: about {more:,.0f} conversations in all, "
+            f"{minutes_at(points, feature_minutes, more):,.0f} minutes here"
+        )
     if target := result.get("target"):
         if target["conversations"] is None:
             lines.append(
@@ -238,10 +240,15 @@ def table(points: list[dict], result: dict, feature_minutes: float) -> str:
                 f"(band {lo:,.0f} to {'not reached' if hi is None else f'{hi:,.0f}'})"
             )
     lines.append(
-        f"\nminutes: the feature pass {feature_minutes:.1f} for all fractions at once; training as measured "
-        "(predicted rows: both scaled by conversations, on this hardware)"
+        f"\nminutes: the feature pass {feature_minutes:.1f} for all fractions at once, then each fraction's training; "
+        "a predicted size's: both scaled by conversations from the pilot's, on this hardware"
     )
     return "\n".join(lines)
+
+
+def minutes_at(points: list[dict], feature_minutes: float, n: float) -> float:
+    """The feature pass and training of n conversations at the pilot's minutes per conversation."""
+    return n * (feature_minutes + points[-1]["minutes"]) / points[-1]["conversations"]
 
 
 def plot(points: list[dict], result: dict, target_tau: float | None, path: Path) -> None:
@@ -296,10 +303,11 @@ def features_minutes(out: Path, measured: float, rank: int) -> float:
 
 
 def recipe_key(run) -> str:
-    """What a fraction's result depends on: the data of both splits, the training config and the
-    DeepSpeed config (not where it is written or how it logs).  A result of another is redone."""
+    """What a fraction's result depends on: the data of both splits, the training config, the
+    DeepSpeed config and the ranks (a global batch is micro x accumulation x ranks), not where it
+    is written or how it logs.  A result of another is redone."""
     cfg = {k: v for k, v in to_dict(run.cfg).items() if k not in NOT_RECIPE}
-    key = json.dumps([run.data.key, run.data.keys, cfg, run.ds], sort_keys=True, default=str)
+    key = json.dumps([run.data.key, run.data.keys, cfg, run.ds, run.world], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
