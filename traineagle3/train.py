@@ -1,7 +1,8 @@
-"""A training run's pieces, in the order `llama/main.py` puts them together: the data, the
-draft vocabulary and config, the feature source, the draft and its DeepSpeed engine, then
-the `Trainer`'s loop (epochs of steps, the test split after each, checkpoints, resume).
-"""
+"""A training run's pieces: the data, the draft vocabulary and config, the feature source, the
+draft and its DeepSpeed engine, and the `Trainer`'s loop (epochs of steps, the test split
+after each, checkpoints, resume).  `Run` puts them together: `Run.prepare` up to the
+vocabulary, `Run.features` (the target's pass), `Run.train` one draft on a set of samples
+(main.py: all of them; forecast.py: each fraction)."""
 
 from __future__ import annotations
 

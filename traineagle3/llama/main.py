@@ -7,7 +7,7 @@ Every rank holds the frozen target as a plain module; DeepSpeed (ZeRO) owns only
 draft.  With --feature_cache the ranks first run the target once over the data into an
 offline cache (or find it complete), then train from it with only the target's token
 embedding and output head in memory.  Flags override the fields of --config (see --help).
-The pieces are in traineagle3/train.py; main() puts them together.
+The pieces are in traineagle3/train.py; its Run puts them together.
 """
 
 from __future__ import annotations
