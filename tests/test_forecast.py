@@ -132,6 +132,7 @@ def test_tiny_forecast_end_to_end_then_resumed(tiny_target, chat_jsonl, tmp_path
     pts = [json.loads(p.read_text()) for p in results]
     assert [p["label"] for p in pts] == ["1/4", "1/2", "1"] and pts[0]["conversations"] < pts[1]["conversations"]
     assert len({tuple(sorted(p["test_rounds"])) for p in pts}) == 1  # the same held-out samples
+    assert 0 < pts[0]["supervised_tokens"] < pts[1]["supervised_tokens"] < pts[2]["supervised_tokens"]
     for p, folder in zip(pts, results):
         last = json.loads((folder.parent / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["split"] == "test" and p["tau"] == pytest.approx(last["tau"], abs=1e-5)
