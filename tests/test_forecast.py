@@ -101,7 +101,7 @@ def test_report_predicts_with_a_band_and_the_data_for_a_target(tmp_path, capsys)
     assert [p["multiple"] for p in result["predictions"]] == [2, 4, 10, 100]
     for p in result["predictions"]:
         lo, hi = p["band"]
-        assert 1 <= lo <= p["tau"] <= hi <= 4
+        assert result["band_fits"]["floor"] <= lo <= p["tau"] <= hi <= 4  # more data: no lower than the pilot
         assert f"{p['conversations']:>13,}  {p['tau']:>13.3f}" in out
         assert p["band"][0] <= float(predict(TRUE, p["conversations"])) <= p["band"][1]  # the truth inside
     widths = [p["band"][1] - p["band"][0] for p in result["predictions"]]

@@ -15,9 +15,10 @@ k + 1: tau is 1 without data, grows with it and levels off at c, below the ceili
 drafts allow (far past n0 it is the power law c - a n^-b). Its band is the spread of the
 same fit (a) without each point in turn (how much the extrapolation leans on one fraction)
 and (b) on the held-out samples resampled, paired across fractions (how much on which
-samples were scored); with four points it is wide far out, which is the honest answer. Each
-fraction's folder (output_dir/fraction-N) resumes: a done fraction is read back, a killed
-one continues from its checkpoint.
+samples were scored), no lower than the pilot's own tau (more data does not lower it); with
+four points it is wide far out, which is the honest answer.  Each fraction's folder
+(output_dir/fraction-N) resumes: a done fraction is read back, a killed one continues from
+its checkpoint.
 """
 
 from __future__ import annotations
@@ -147,14 +148,16 @@ def tau_of(hists: dict, samples) -> float:
     return round_stats(torch.tensor(np.sum([hists[s] for s in samples], axis=0), dtype=torch.float64))[1]
 
 
-def spread(value, fit: dict, left_out: list[dict], resampled: list[dict]) -> list[float]:
+def spread(value, fit: dict, left_out: list[dict], resampled: list[dict], floor: float = -math.inf) -> list[float]:
     """[lo, hi] of value(fit) over the refits: the leave-one-out extremes and the resamples'
-    5th-95th percentiles together, the point itself inside (inf: a refit never gets there)."""
-    values = [value(f) for f in left_out] + [value(fit)]
+    5th-95th percentiles together, the point itself inside (inf: a refit never gets there);
+    lo no lower than `floor` unless the point is."""
+    point = value(fit)
+    values = [value(f) for f in left_out] + [point]
     if resampled:
         boot = [value(f) for f in resampled]
         values += [np.percentile(boot, 5, method="lower"), np.percentile(boot, 95, method="higher")]
-    return [float(min(values)), float(max(values))]
+    return [float(max(min(values), min(floor, point))), float(max(values))]
 
 
 def forecast(points: list[dict], k: int, target_tau: float | None = None) -> dict:
@@ -166,6 +169,8 @@ def forecast(points: list[dict], k: int, target_tau: float | None = None) -> dic
         raise UserError(f"no forecast: {why}")
     fit = fit_curve(n, tau, k)
     left_out, resampled = refits(n, tau, resampled_tau, k)
+    # more data does not lower tau: past the pilot, the band stays above the pilot's own tau (its 5th percentile)
+    floor = float(np.percentile(resampled_tau[:, -1], 5)) if len(resampled_tau) else tau[-1]
     out = {
         "fit": {"form": "tau = 1 + (c - 1) (1 - (1 + n/n0)^-b), n = training conversations"}
         | {x: fit[x] for x in ("c", "n0", "b")},
@@ -175,11 +180,11 @@ def forecast(points: list[dict], k: int, target_tau: float | None = None) -> dic
                 "multiple": m,
                 "conversations": m * n[-1],
                 "tau": float(predict(fit, m * n[-1])),
-                "band": spread(lambda f, x=m * n[-1]: float(predict(f, x)), fit, left_out, resampled),
+                "band": spread(lambda f, x=m * n[-1]: float(predict(f, x)), fit, left_out, resampled, floor),
             }
             for m in MULTIPLES
         ],
-        "band_fits": {"leave_one_out": len(left_out), "resamples": len(resampled)},
+        "band_fits": {"leave_one_out": len(left_out), "resamples": len(resampled), "floor": floor},
     }
     if len(n) > 3:  # the smaller fractions' fit against the pilot's own tau: how far an extrapolation held
         smaller = fit_curve(n[:-1], tau[:-1], k)
