@@ -142,3 +142,27 @@ def test_a_folder_of_the_served_rounds_setting_resumes_as_served_repeats(tmp_pat
     (tmp_path / "recipe.json").write_text(json.dumps(recorded))
     with pytest.raises(UserError, match=r"served_repeats 3 -> 2"):
         Demo("quick", tmp_path).claim_folder()
+
+
+def test_training_and_the_forecast_launch_on_a_free_port_with_the_recipes_configs(tmp_path, monkeypatch):
+    """The launcher's default port may be another run's (a demo beside a training run failed on it)."""
+    demo = Demo("quick", tmp_path)
+    demo.claim_folder()
+    launched = []
+    monkeypatch.setattr(demo, "run", lambda *cmd: launched.append([str(c) for c in cmd]))
+    demo.train()
+    demo.forecast()
+    ports = [cmd[cmd.index("--master_port") + 1] for cmd in launched]
+    assert all(int(p) != 29500 for p in ports)
+    train, forecast = launched
+    assert train[-4:] == [
+        "--deepspeed_config",
+        str(tmp_path / "ds_config.json"),
+        "--config",
+        str(tmp_path / "train_config.json"),
+    ]
+    assert forecast[forecast.index("--module") + 1] == "traineagle3.forecast"
+    assert forecast[-2:] == ["--output_dir", str(tmp_path / "forecast")]
+    assert json.loads((tmp_path / "train_config.json").read_text())["train_data"] == str(
+        tmp_path / "data" / "train.jsonl"
+    )

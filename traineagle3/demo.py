@@ -32,6 +32,7 @@ import tomllib
 
 from .card import versions
 from .cli import Parser, UserError, cli
+from .ports import free_port
 from .precision import AUTO
 from .precision import choose as choose_precision
 from .records import MT_BENCH
@@ -198,8 +199,9 @@ class Demo:
         return ["--deepspeed_config", self.out / "ds_config.json", "--config", self.out / "train_config.json"]
 
     def deepspeed(self, *args) -> None:
-        """One CPU rank under DeepSpeed's launcher, as users launch training."""
-        self.run(Path(sys.executable).with_name("deepspeed"), "--num_gpus", 1, *args)
+        """One CPU rank under DeepSpeed's launcher, as users launch training, on a free port (the
+        launcher's default, 29500, may be another training run's)."""
+        self.run(Path(sys.executable).with_name("deepspeed"), "--num_gpus", 1, "--master_port", free_port(), *args)
 
     def train(self) -> None:
         if (self.train_dir / "draft" / "config.json").exists():
