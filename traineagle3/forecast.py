@@ -342,8 +342,8 @@ def main(argv=None) -> None:
     for fraction, subset in zip(fractions, subsets):
         folder = out / f"fraction-{len(subset)}"
         done = folder / RESULT
-        if done.exists() and json.loads(done.read_text()).get("recipe") == recipe:
-            points.append(json.loads(done.read_text()))
+        if done.exists() and (point := json.loads(done.read_text())).get("recipe") == recipe:
+            points.append(point)
             log.info("%s: done, read back", done)
             continue
         began = time.perf_counter()
