@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from test_deepspeed import ds_config, train_args
 
 from traineagle3.cli import UserError
-from traineagle3.forecast import fit_curve, forecast, parse_fractions, predict, report
+from traineagle3.forecast import fit_curve, forecast, mean_curve, parse_fractions, predict, report
 from traineagle3.train import nested_subsets
 
 TRUE = {"c": 2.0, "n0": 100.0, "b": 0.5}  # a curve in the shape of our drafts' tau against conversations
+SLOW = {"c": 4.0, "n0": 13.0, "b": 0.05}  # the default's data: still rising at 8x, no sign of levelling off
 
 
 def test_fit_recovers_a_saturating_curve_from_four_noisy_points():
@@ -92,8 +93,10 @@ def test_flat_or_shrinking_tau_gets_one_line_and_no_curve(tmp_path, capsys):
         forecast(points([1.3, 1.5], n=(100, 200)), 3)
 
 
-def test_report_predicts_with_a_band_and_the_data_for_a_target(tmp_path, capsys):
-    pts = points([float(x) for x in predict(TRUE, [50, 100, 200, 400])], samples=60)
+@pytest.mark.parametrize("truth", [TRUE, SLOW], ids=["levels-off", "still-rising"])
+def test_report_predicts_with_a_band_and_the_data_for_a_target(truth, tmp_path, capsys):
+    """Whether tau levels off within the range or goes on rising, the truth lies in the band."""
+    pts = points([float(x) for x in predict(truth, [50, 100, 200, 400])], samples=60)
     report(pts, 3, 1.85, 0.5, tmp_path)
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "forecast.json").read_text())
@@ -103,14 +106,14 @@ def test_report_predicts_with_a_band_and_the_data_for_a_target(tmp_path, capsys)
         lo, hi = p["band"]
         assert result["band_fits"]["floor"] <= lo <= p["tau"] <= hi <= 4  # more data: no lower than the pilot
         assert f"{p['conversations']:>13,}  {p['tau']:>13.3f}" in out
-        assert p["band"][0] <= float(predict(TRUE, p["conversations"])) <= p["band"][1]  # the truth inside
+        assert p["band"][0] <= float(predict(truth, p["conversations"])) <= p["band"][1]  # the truth inside
+        assert p["tau"] == pytest.approx(np.mean(p["by_form"]))  # the mean of the two forms
     widths = [p["band"][1] - p["band"][0] for p in result["predictions"]]
     assert widths == sorted(widths) and widths[0] > 0  # wider the further out
     target = result["target"]
     assert target["band"][0] <= target["conversations"] and "tau 1.85: about" in out
-    assert 400 < target["conversations"] and float(predict(result["fit"], target["conversations"])) == pytest.approx(
-        1.85
-    )
+    reached = float(mean_curve(result["fit"]["forms"], target["conversations"]))
+    assert 400 < target["conversations"] and reached == pytest.approx(1.85)
     assert result["check"]["measured"] == pts[-1]["tau"] and "test_rounds" not in json.dumps(result["points"])
     unreachable = forecast(pts, 3, target_tau=3.9)["target"]
     assert unreachable["conversations"] is None

@@ -10,13 +10,14 @@ every larger one; all are scored on the same held-out samples by the replayed ta
 logs. The target runs once: the fractions share one feature cache and the pilot's draft
 vocabulary. Fraction 1 is exactly main.py's run.
 
-The fit is tau(n) = 1 + (c - 1) (1 - (1 + n/n0)^-b) over n training conversations, with c <=
-k + 1: tau is 1 without data, grows with it and levels off at c, below the ceiling that k
-drafts allow (far past n0 it is the power law c - a n^-b). Its band is the spread of the
-same fit (a) without each point in turn (how much the extrapolation leans on one fraction)
-and (b) on the held-out samples resampled, paired across fractions (how much on which
-samples were scored), no lower than the pilot's own tau (more data does not lower it); with
-four points it is wide far out, which is the honest answer.  Each fraction's folder
+The curve is tau(n) = 1 + (c - 1) (1 - (1 + n/n0)^-b) over n training conversations: tau is
+1 without data and grows with it towards c, never past the k + 1 that k drafts allow (far past
+n0 it is the power law c - a n^-b). Where it levels off, four points cannot tell, so the
+forecast is the mean of two fits: c = k + 1, and c fitted (`fit_forms`). Its band covers both
+and the spread of the same mean (a) without each point in turn (how much the extrapolation
+leans on one fraction) and (b) on the held-out samples resampled, paired across fractions (how
+much on which samples were scored), no lower than the pilot's own tau (more data does not
+lower it); with four points it is wide far out, which is the honest answer.  Each fraction's folder
 (output_dir/fraction-N) resumes: a done fraction is read back, a killed one continues from
 its checkpoint.
 """
@@ -46,6 +47,8 @@ MULTIPLES = (2, 4, 10, 100)  # of the pilot's size, in the table
 REACH = 1000  # --target-tau: further than this many times the pilot, "not reached"
 RESAMPLES = 200
 RESULT = "result.json"
+# fit_forms' curves, each tau = 1 + (c - 1) (1 - (1 + n/n0)^-b) over n training conversations
+FORM = "the mean of tau = 1 + (c - 1) (1 - (1 + n/n0)^-b) with c = k + 1, and with c <= k + 1 fitted"
 # TrainConfig fields that change where a run writes or how it logs, not what it trains
 NOT_RECIPE = {
     "output_dir",
@@ -73,36 +76,59 @@ def parse_fractions(text: str) -> list[float]:
 # ---------------------------------------------------------------------------- the fit
 
 
-def fit_curve(n, tau, k: int) -> dict:
-    """Least squares tau = 1 + (c - 1) (1 - (1 + n/n0)^-b), with 1 <= c <= k + 1.
+def fit_curve(n, tau, k: int, ceiling: bool = False) -> dict:
+    """Least squares tau = 1 + (c - 1) (1 - (1 + n/n0)^-b), with 1 <= c <= k + 1 fitted, or with
+    `ceiling` c = k + 1 (two parameters: tau rises towards what k drafts allow).
 
     tau is 1 without data and grows towards c, never past the k + 1 that k drafts allow;
     far past n0 it is the power law c - a n^-b.  For each (n0, b) the model is linear in c:
     a grid, then a finer grid around its best cell."""
     n, tau = np.asarray(n, float), np.asarray(tau, float)
-    n0s, bs = np.geomspace(n.min() / 100, n.max() * 100, 121), np.geomspace(0.02, 4.0, 121)
+    n0s, bs = np.geomspace(n.min() / 100, n.max() * 1e4, 161), np.geomspace(0.005, 4.0, 161)
     for _ in range(3):
         g = 1 - (1 + n / n0s[:, None, None]) ** -bs[None, :, None]  # [n0, b, point]
         rise = np.clip(((tau - 1) * g).sum(-1) / np.maximum((g * g).sum(-1), 1e-12), 0, k)  # c - 1
+        if ceiling:
+            rise = np.full_like(rise, k)
         sse = (((1 + rise[..., None] * g) - tau) ** 2).sum(-1)
         i, j = np.unravel_index(np.argmin(sse), sse.shape)
         best = {"c": float(1 + rise[i, j]), "n0": float(n0s[i]), "b": float(bs[j]), "sse": float(sse[i, j])}
         n0s = np.geomspace(n0s[max(i - 1, 0)], n0s[min(i + 1, len(n0s) - 1)], 41)
         bs = np.geomspace(bs[max(j - 1, 0)], bs[min(j + 1, len(bs) - 1)], 41)
-    return best
+    return best | {"ceiling": ceiling}
+
+
+def fit_forms(n, tau, k: int) -> list[dict]:
+    """Both forms' fits: towards k + 1, and with c fitted.
+
+    Four points over an 8x range rarely say where tau levels off. A fitted c follows the noise
+    of one point and bends the curve early; c = k + 1 keeps it rising for as long as the drafts
+    allow.  On synthetic curves of both kinds (docs/RESULTS.md) neither form extrapolates well on
+    the other kind, and their mean is never far from the better one: the forecast is that mean,
+    and its band covers both."""
+    return [fit_curve(n, tau, k, ceiling=True), fit_curve(n, tau, k, ceiling=False)]
 
 
 def predict(fit: dict, n) -> np.ndarray:
     return 1 + (fit["c"] - 1) * (1 - (1 + np.asarray(n, float) / fit["n0"]) ** -fit["b"])
 
 
-def data_for(fit: dict, tau: float, limit: float) -> float | None:
-    """Conversations at which the fit reaches tau; None where it levels off below, or gets there
-    only past `limit`, where no four-point fit says anything."""
-    if tau >= fit["c"]:
+def mean_curve(fits: list[dict], n) -> np.ndarray:
+    """The forecast: the mean of the forms' predictions at n conversations."""
+    return np.mean([predict(f, n) for f in fits], axis=0)
+
+
+def data_for(fits: list[dict], tau: float, limit: float) -> float | None:
+    """Conversations at which the mean curve reaches tau; None where it levels off below, or gets
+    there only past `limit`, where no four-point fit says anything.  Both forms rise with n, so
+    their mean does: bisection on log n."""
+    if float(mean_curve(fits, limit)) < tau:
         return None
-    n = max(fit["n0"] * (((fit["c"] - 1) / (fit["c"] - tau)) ** (1 / fit["b"]) - 1), 1.0)
-    return n if n <= limit else None
+    lo, hi = 0.0, math.log(limit)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(mean_curve(fits, math.exp(mid))) < tau else (lo, mid)
+    return math.exp(hi)
 
 
 def refusal(n: list[int], tau: list[float], resampled: np.ndarray) -> str | None:
@@ -136,11 +162,11 @@ def resample_tau(hists: list[dict], seed: int = 0) -> np.ndarray:
     return np.array([[tau_of(h, pick) for h in hists] for pick in picks])
 
 
-def refits(n: list[int], tau: list[float], resampled: np.ndarray, k: int) -> tuple[list[dict], list[dict]]:
+def refits(n: list[int], tau: list[float], resampled: np.ndarray, k: int) -> tuple[list[list], list[list]]:
     """The fits that make the band: without each point in turn (with more than 3 points), and on
     each resampling of the held-out samples."""
-    left_out = [fit_curve(np.delete(n, i), np.delete(tau, i), k) for i in range(len(n))] if len(n) > 3 else []
-    return left_out, [fit_curve(n, row, k) for row in resampled]
+    left_out = [fit_forms(np.delete(n, i), np.delete(tau, i), k) for i in range(len(n))] if len(n) > 3 else []
+    return left_out, [fit_forms(n, row, k) for row in resampled]
 
 
 def tau_of(hists: dict, samples) -> float:
@@ -148,15 +174,19 @@ def tau_of(hists: dict, samples) -> float:
     return round_stats(torch.tensor(np.sum([hists[s] for s in samples], axis=0), dtype=torch.float64))[1]
 
 
-def spread(value, fit: dict, left_out: list[dict], resampled: list[dict], floor: float = -math.inf) -> list[float]:
-    """[lo, hi] of value(fit) over the refits: the leave-one-out extremes and the resamples'
-    5th-95th percentiles together, the point itself inside (inf: a refit never gets there);
-    lo no lower than `floor` unless the point is."""
-    point = value(fit)
-    values = [value(f) for f in left_out] + [point]
-    if resampled:
-        boot = [value(f) for f in resampled]
-        values += [np.percentile(boot, 5, method="lower"), np.percentile(boot, 95, method="higher")]
+def spread(
+    value, fits: list[dict], left_out: list[list], resampled: list[list], floor: float = -math.inf
+) -> list[float]:
+    """[lo, hi] of value(fits) and of each form alone, over the refits: the leave-one-out
+    extremes and the resamples' 5th-95th percentiles together, the points themselves inside
+    (inf: a refit never gets there); lo no lower than `floor` unless the point is."""
+    point = value(fits)
+    values = [point]
+    for pick in [lambda f: f] + [lambda f, i=i: [f[i]] for i in range(len(fits))]:  # the mean, then each form
+        values += [value(pick(fits))] + [value(pick(f)) for f in left_out]
+        if resampled:
+            boot = [value(pick(f)) for f in resampled]
+            values += [np.percentile(boot, 5, method="lower"), np.percentile(boot, 95, method="higher")]
     return [float(max(min(values), min(floor, point))), float(max(values))]
 
 
@@ -167,33 +197,39 @@ def forecast(points: list[dict], k: int, target_tau: float | None = None) -> dic
     resampled_tau = resample_tau([p["test_rounds"] for p in points])
     if why := refusal(n, tau, resampled_tau):
         raise UserError(f"no forecast: {why}")
-    fit = fit_curve(n, tau, k)
+    fits = fit_forms(n, tau, k)
     left_out, resampled = refits(n, tau, resampled_tau, k)
     # more data does not lower tau: past the pilot, the band stays above the pilot's own tau (its 5th percentile)
     floor = float(np.percentile(resampled_tau[:, -1], 5)) if len(resampled_tau) else tau[-1]
+    at = lambda x: lambda f: float(mean_curve(f, x))  # noqa: E731  (the prediction at x of some fits)
     out = {
-        "fit": {"form": "tau = 1 + (c - 1) (1 - (1 + n/n0)^-b), n = training conversations"}
-        | {x: fit[x] for x in ("c", "n0", "b")},
-        "fitted": predict(fit, n).tolist(),
+        "fit": {"form": FORM, "forms": [{x: f[x] for x in ("c", "n0", "b", "ceiling")} for f in fits]},
+        "fitted": mean_curve(fits, n).tolist(),
         "predictions": [
             {
                 "multiple": m,
                 "conversations": m * n[-1],
-                "tau": float(predict(fit, m * n[-1])),
-                "band": spread(lambda f, x=m * n[-1]: float(predict(f, x)), fit, left_out, resampled, floor),
+                "tau": at(m * n[-1])(fits),
+                "by_form": [at(m * n[-1])([f]) for f in fits],
+                "band": spread(at(m * n[-1]), fits, left_out, resampled, floor),
             }
             for m in MULTIPLES
         ],
         "band_fits": {"leave_one_out": len(left_out), "resamples": len(resampled), "floor": floor},
     }
     if len(n) > 3:  # the smaller fractions' fit against the pilot's own tau: how far an extrapolation held
-        smaller = fit_curve(n[:-1], tau[:-1], k)
-        out["check"] = {"conversations": n[-1], "measured": tau[-1], "predicted": float(predict(smaller, n[-1]))}
+        smaller = fit_forms(n[:-1], tau[:-1], k)
+        out["check"] = {
+            "conversations": n[-1],
+            "measured": tau[-1],
+            "predicted": at(n[-1])(smaller),
+            "by_form": [at(n[-1])([f]) for f in smaller],
+        }
     if target_tau is not None:
         need = lambda f: data_for(f, target_tau, REACH * n[-1]) or math.inf  # noqa: E731
-        lo, hi = spread(need, fit, left_out, resampled)
+        lo, hi = spread(need, fits, left_out, resampled)
         finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (None: not reached)
-        out["target"] = {"tau": target_tau, "conversations": finite(need(fit)), "band": [finite(lo), finite(hi)]}
+        out["target"] = {"tau": target_tau, "conversations": finite(need(fits)), "band": [finite(lo), finite(hi)]}
     return out
 
 
@@ -212,14 +248,15 @@ def table(points: list[dict], result: dict, feature_minutes: float) -> str:
             f"{p['label']:>8}  {p['conversations']:>13,}  {p['supervised_tokens']:>17,}  {p['tau']:>12.3f}  "
             f"{rates:<{5 * k + 8}}{fitted:.3f}  {p['minutes']:>7.1f}"
         )
-    f = result["fit"]
-    lines.append(
-        f"\nfit: tau = 1 + {f['c'] - 1:.3f} (1 - (1 + n/{f['n0']:.4g})^-{f['b']:.3f}): levels off at {f['c']:.3f} "
-        f"(k = {k}: at most {k + 1})"
-    )
+    fits = result["fit"]["forms"]
+    lines.append("\nfit: the mean of two curves, which differ in where tau levels off:")
+    for f in fits:
+        toward = f"towards k + 1 = {k + 1}" if f["ceiling"] else f"levels off at {f['c']:.3f} (fitted)"
+        lines.append(f"  tau = 1 + {f['c'] - 1:.3f} (1 - (1 + n/{f['n0']:.4g})^-{f['b']:.3f}): {toward}")
     if check := result.get("check"):
+        by_form = " and ".join(f"{x:.3f}" for x in check["by_form"])
         lines.append(
-            f"check: the fit of the smaller fractions predicts {check['predicted']:.3f} at "
+            f"check: the smaller fractions' fit predicts {check['predicted']:.3f} ({by_form}) at "
             f"{check['conversations']:,} conversations; measured {check['measured']:.3f}"
         )
     lines.append(f"\n{'data':>6}  {'conversations':>13}  {'predicted tau':>13}  {'band':>13}  minutes here")
@@ -227,7 +264,7 @@ def table(points: list[dict], result: dict, feature_minutes: float) -> str:
         lo, hi = p["band"]
         row = f"{p['multiple']:>5}x  {p['conversations']:>13,}  {p['tau']:>13.3f}  {lo:>6.3f}-{hi:<6.3f}"
         lines.append(f"{row}  {minutes_at(points, feature_minutes, p['conversations']):>12.0f}")
-    if (more := data_for(f, result["fitted"][-1] + 0.1, REACH * points[-1]["conversations"])) is not None:
+    if (more := data_for(fits, result["fitted"][-1] + 0.1, REACH * points[-1]["conversations"])) is not None:
         lines.append(
             f"tau {result['fitted'][-1] + 0.1:.3f}, +0.1 over the pilot's fit: about {more:,.0f} conversations in all, "
             f"{minutes_at(points, feature_minutes, more):,.0f} minutes here"
@@ -236,7 +273,7 @@ def table(points: list[dict], result: dict, feature_minutes: float) -> str:
         if target["conversations"] is None:
             lines.append(
                 f"\ntau {target['tau']}: the fit does not reach it within {REACH}x the pilot's data "
-                f"(it levels off at {f['c']:.3f})"
+                f"(it levels off at {float(np.mean([f['c'] for f in fits])):.3f})"
             )
         else:
             lo, hi = target["band"]
@@ -257,7 +294,7 @@ def minutes_at(points: list[dict], feature_minutes: float, n: float) -> float:
 
 
 def plot(points: list[dict], result: dict, target_tau: float | None, path: Path) -> None:
-    """forecast.png: the measured points, the fit, its band, the target line."""
+    """forecast.png: the measured points, the fit and its two curves, its band, the target line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,9 +302,11 @@ def plot(points: list[dict], result: dict, target_tau: float | None, path: Path)
 
     n = np.array([p["conversations"] for p in points], float)
     xs = np.geomspace(n[0] / 2, n[-1] * max(MULTIPLES), 200)
-    fit = result["fit"]
+    fits = result["fit"]["forms"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(xs, predict(fit, xs), label="fit")
+    ax.plot(xs, mean_curve(fits, xs), label="fit (mean of the two)")
+    for f in fits:
+        ax.plot(xs, predict(f, xs), ":", color="gray", label="towards k + 1" if f["ceiling"] else "levels off at c")
     lo, hi = [p["band"][0] for p in result["predictions"]], [p["band"][1] for p in result["predictions"]]
     at = [p["conversations"] for p in result["predictions"]]
     ax.fill_between([n[-1]] + at, [points[-1]["tau"]] + lo, [points[-1]["tau"]] + hi, alpha=0.2, label="band")
