@@ -245,3 +245,28 @@ def test_training_from_the_feature_cache_matches_online(baseline, tiny_target, c
     log = finish(launch(args + ["--max_steps", "1"]))
     assert "loading the target" not in log and "train features from" in log
     assert (tmp_path / "again" / "draft" / "model.safetensors").exists()
+
+
+def test_frozen_head_stays_the_targets_rows_through_a_resume(baseline, tiny_target, chat_jsonl, tmp_path):
+    """--freeze_lm_head: DeepSpeed's checkpoints leave the frozen head out; stopped and resumed,
+    the run still ends with the target's rows of the draft vocabulary, and everything else trained."""
+    out = tmp_path / "out"
+    args = train_args(
+        tiny_target,
+        chat_jsonl,
+        out,
+        ds_config(tmp_path, accum=2),
+        tmp_path / "cache",
+        "--freeze_lm_head",
+        "true",
+        "--draft_init",
+        "target_head",
+    )
+    finish(launch(args + ["--max_steps", "3"]))
+    assert "resumed from" in finish(launch(args + ["--resume"]))
+    w, trained = weights(out), weights(baseline)
+    target = load_file(str(Path(tiny_target) / "model.safetensors"))
+    head = target.get("lm_head.weight", target["model.embed_tokens.weight"])
+    ids = torch.arange(len(w["d2t"])) + w["d2t"]  # the draft vocabulary's target ids
+    torch.testing.assert_close(w["lm_head.weight"], head[ids])
+    assert not torch.allclose(trained["lm_head.weight"], head[ids])  # trained, the head moves

@@ -73,3 +73,32 @@ def test_feature_noise_scales_with_each_aux_layer():
     assert noise[..., 0, :].std().item() == pytest.approx(20.0, rel=0.05)
     assert noise[..., 1, :].std().item() == pytest.approx(0.2, rel=0.05)
     assert noise[..., 2, :].abs().max().item() == 0  # a zero feature (padding) stays zero
+
+
+def test_target_head_init_takes_the_head_and_norm_and_draws_fc(tiny_target):
+    """--draft_init target_head: the target's head rows and final norm, fc at random (std 0.02,
+    seeded), not the pass-through of 'target'."""
+    from traineagle3.draft import Eagle3Draft
+    from traineagle3.target_tensors import final_norm
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
+    vm = VocabMap(torch.arange(3, 300, 2), target.config.vocab_size)
+    head = TargetFeatures(target, [1, 2, 3], vm).draft_head
+    drafts = {}
+    for init in ("target", "target_head", "target_head"):
+        torch.manual_seed(0)
+        drafts.setdefault(init, []).append(
+            Eagle3Draft.from_target(
+                target.config, vm, [1, 2, 3], init=init, head_rows=head, final_norm=final_norm(tiny_target)
+            )
+        )
+    passing, (drawn, again) = drafts["target"][0], drafts["target_head"]
+    H = target.config.hidden_size
+    for d in (passing, drawn):
+        torch.testing.assert_close(d.lm_head.weight, head)
+        torch.testing.assert_close(d.norm.weight, final_norm(tiny_target))
+    assert torch.equal(passing.fc.weight[:, 2 * H :], torch.eye(H))
+    assert drawn.fc.weight.std().item() == pytest.approx(0.02, rel=0.1) and drawn.fc.weight.mean().abs() < 0.002
+    assert torch.equal(drawn.fc.weight, again.fc.weight)  # seeded
+    with pytest.raises(ValueError, match="target_head"):
+        Eagle3Draft.from_target(target.config, vm, [1, 2, 3], init="target_head")

@@ -66,9 +66,14 @@ class TrainConfig:
         metadata={
             "help": (
                 "'target': lm_head from the target's output rows, norm from its final norm, fc passing the highest aux "
-                "layer through (see Eagle3Draft.init_from_target); 'random': all at random"
+                "layer through (see Eagle3Draft.init_from_target); 'target_head': the same with fc at random (normal, "
+                "std 0.02); 'random': all at random"
             )
         },
+    )
+    freeze_lm_head: bool = field(
+        default=False,
+        metadata={"help": "keep lm_head as --draft_init leaves it (the target's rows: speculators' default)"},
     )
     train_on: str = field(
         default="assistant",

@@ -57,7 +57,7 @@ DERIVED_FIELDS = (
 
 
 AUX_NUMBERINGS = ("vllm", "sglang")  # "input of layer k", "output of layer k"
-DRAFT_INITS = ("target", "random")
+DRAFT_INITS = ("target", "target_head", "random")
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -227,7 +227,7 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
 
     @torch.no_grad()
-    def init_from_target(self, head_rows: torch.Tensor, final_norm: torch.Tensor) -> None:
+    def init_from_target(self, head_rows: torch.Tensor, final_norm: torch.Tensor, fc_pass: bool = True) -> None:
         """Start where the target ends instead of at random (`--draft_init target`).
 
         lm_head takes the target's output rows of the draft vocabulary and `norm` its
@@ -239,6 +239,10 @@ class Eagle3Draft(nn.Module):
         rescale each token's features, which the scale-free `norm` undoes, so the head
         still scores the highest layer as the target does, and fc's low and mid blocks
         learn on features of one scale.
+
+        Without `fc_pass` (`--draft_init target_head`) fc is drawn at random instead
+        (normal, std 0.02: speculators' initialisation) from torch's RNG, and only the head
+        and the norms start at the target's.
         """
         if head_rows.shape != self.lm_head.weight.shape or final_norm.shape != self.norm.weight.shape:
             raise ValueError(
@@ -248,8 +252,11 @@ class Eagle3Draft(nn.Module):
         self.lm_head.weight.copy_(head_rows)
         self.norm.weight.copy_(final_norm)
         H = self.config.hidden_size  # the target's too (the draft shares its embedding)
-        self.fc.weight.zero_()
-        self.fc.weight[:, 2 * H :].copy_(torch.eye(H))
+        if fc_pass:
+            self.fc.weight.zero_()
+            self.fc.weight[:, 2 * H :].copy_(torch.eye(H))
+        else:
+            self.fc.weight.normal_(0.0, 0.02)
         for norm in [getattr(self, "input_norm", None), *getattr(self, "fc_norm", [])]:
             if norm is not None:
                 norm.weight.fill_(1.0)
@@ -276,14 +283,15 @@ class Eagle3Draft(nn.Module):
         random: a draft that is only saved needs none, serving folders hold no embedding).
         `init="target"` then starts it where the target ends (`init_from_target` with
         `head_rows`, the target's output rows of the draft vocabulary, and its
-        `final_norm`); "random" keeps the modules' own initialisation, which draws from
-        torch's RNG: seed it first for a reproducible draft.  `dtype` casts the draft
+        `final_norm`), "target_head" the same with fc at random; "random" keeps the
+        modules' own initialisation.  Both draw from torch's RNG: seed it first for a
+        reproducible draft.  `dtype` casts the draft
         before any tensor is copied in, so they keep their precision.
         """
         if init not in DRAFT_INITS:
             raise ValueError(f"init must be one of {DRAFT_INITS}, not {init!r}")
-        if init == "target" and (head_rows is None or final_norm is None):
-            raise ValueError("init='target' needs the target's head_rows and final_norm")
+        if init != "random" and (head_rows is None or final_norm is None):
+            raise ValueError(f"init={init!r} needs the target's head_rows and final_norm")
         draft = cls(derive_draft_config(target_config, vocab.draft_vocab_size, aux_layer_ids, overrides))
         if dtype is not None:
             draft = draft.to(dtype)
@@ -291,8 +299,8 @@ class Eagle3Draft(nn.Module):
             draft.embed_tokens.weight.data.copy_(embedding)
         draft.d2t.copy_(vocab.d2t)
         draft.t2d.copy_(vocab.t2d)
-        if init == "target":
-            draft.init_from_target(head_rows, final_norm)
+        if init != "random":
+            draft.init_from_target(head_rows, final_norm, fc_pass=init == "target")
         return draft
 
     # the engine's forward: a whole training-time-test unroll, ttt.py's ttt_unroll(self, aux_hidden,

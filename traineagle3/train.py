@@ -172,10 +172,13 @@ def build_draft(
 ) -> Eagle3Draft:
     """The draft as training starts it (--draft_init), seeded."""
     torch.manual_seed(cfg.seed)
-    init = {"head_rows": source.draft_head, "final_norm": final_norm(target.path)} if cfg.draft_init == "target" else {}
-    return Eagle3Draft.from_target(
+    init = {"head_rows": source.draft_head, "final_norm": final_norm(target.path)} if cfg.draft_init != "random" else {}
+    draft = Eagle3Draft.from_target(
         target.text_config, vocab, aux, source.embedding, overrides=overrides, init=cfg.draft_init, **init
     )
+    # frozen, it is rebuilt the same way on resume: DeepSpeed's checkpoints leave frozen weights out
+    draft.lm_head.weight.requires_grad_(not cfg.freeze_lm_head)
+    return draft
 
 
 def fill_schedule(ds: dict, total_steps: int) -> dict:
