@@ -54,6 +54,7 @@ SECTIONS = [
     ),
     ("Export", ["python -m traineagle3.export --help"]),
     ("Verify", ["python -m traineagle3.evaluate --help", "python -m traineagle3.verify --help"]),
+    ("Paired", ["python -m traineagle3.paired --help"]),
     ("Forecast", ["python -m traineagle3.forecast --help"]),
     (
         "Advise",
