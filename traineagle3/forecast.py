@@ -306,7 +306,8 @@ def plot(points: list[dict], result: dict, target_tau: float | None, path: Path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(xs, mean_curve(fits, xs), label="fit (mean of the two)")
     for f in fits:
-        ax.plot(xs, predict(f, xs), ":", color="gray", label="towards k + 1" if f["ceiling"] else "levels off at c")
+        style, label = (":", "towards k + 1") if f["ceiling"] else ("--", "levels off at a fitted c")
+        ax.plot(xs, predict(f, xs), style, color="gray", label=label)
     lo, hi = [p["band"][0] for p in result["predictions"]], [p["band"][1] for p in result["predictions"]]
     at = [p["conversations"] for p in result["predictions"]]
     ax.fill_between([n[-1]] + at, [points[-1]["tau"]] + lo, [points[-1]["tau"]] + hi, alpha=0.2, label="band")
