@@ -17,9 +17,9 @@ forecast is the mean of two fits: c = k + 1, and c fitted (`fit_forms`). Its ban
 and the spread of the same mean (a) without each point in turn (how much the extrapolation
 leans on one fraction) and (b) on the held-out samples resampled, paired across fractions (how
 much on which samples were scored), no lower than the pilot's own tau (more data does not
-lower it); with four points it is wide far out, which is the honest answer.  Each fraction's folder
-(output_dir/fraction-N) resumes: a done fraction is read back, a killed one continues from
-its checkpoint.
+lower it); with four points it is wide far out, which is the honest answer.  Each
+fraction's folder (output_dir/fraction-N) resumes: a done fraction is read back, a killed one
+continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ def fit_curve(n, tau, k: int, ceiling: bool = False) -> dict:
     n0s, bs = np.geomspace(n.min() / 100, n.max() * 1e4, 161), np.geomspace(0.005, 4.0, 161)
     for _ in range(3):
         g = 1 - (1 + n / n0s[:, None, None]) ** -bs[None, :, None]  # [n0, b, point]
-        rise = np.clip(((tau - 1) * g).sum(-1) / np.maximum((g * g).sum(-1), 1e-12), 0, k)  # c - 1
         if ceiling:
-            rise = np.full_like(rise, k)
+            rise = np.full(g.shape[:2], float(k))  # c - 1
+        else:
+            rise = np.clip(((tau - 1) * g).sum(-1) / np.maximum((g * g).sum(-1), 1e-12), 0, k)
         sse = (((1 + rise[..., None] * g) - tau) ** 2).sum(-1)
         i, j = np.unravel_index(np.argmin(sse), sse.shape)
         best = {"c": float(1 + rise[i, j]), "n0": float(n0s[i]), "b": float(bs[j]), "sse": float(sse[i, j])}
@@ -180,8 +181,7 @@ def spread(
     """[lo, hi] of value(fits) and of each form alone, over the refits: the leave-one-out
     extremes and the resamples' 5th-95th percentiles together, the points themselves inside
     (inf: a refit never gets there); lo no lower than `floor` unless the point is."""
-    point = value(fits)
-    values = [point]
+    point, values = value(fits), []
     for pick in [lambda f: f] + [lambda f, i=i: [f[i]] for i in range(len(fits))]:  # the mean, then each form
         values += [value(pick(fits))] + [value(pick(f)) for f in left_out]
         if resampled:
