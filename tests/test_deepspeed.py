@@ -265,8 +265,27 @@ def test_frozen_head_stays_the_targets_rows_through_a_resume(baseline, tiny_targ
     finish(launch(args + ["--max_steps", "3"]))
     assert "resumed from" in finish(launch(args + ["--resume"]))
     w, trained = weights(out), weights(baseline)
-    target = load_file(str(Path(tiny_target) / "model.safetensors"))
-    head = target.get("lm_head.weight", target["model.embed_tokens.weight"])
-    ids = torch.arange(len(w["d2t"])) + w["d2t"]  # the draft vocabulary's target ids
-    torch.testing.assert_close(w["lm_head.weight"], head[ids])
-    assert not torch.allclose(trained["lm_head.weight"], head[ids])  # trained, the head moves
+    torch.testing.assert_close(w["lm_head.weight"], target_head_rows(tiny_target, w))
+    assert not torch.allclose(trained["lm_head.weight"], target_head_rows(tiny_target, w))  # trained, it moves
+
+
+def target_head_rows(target, w):
+    """The target's lm_head rows of the draft vocabulary that `w` (a draft's weights) maps."""
+    t = load_file(str(Path(target) / "model.safetensors"))
+    head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
+    return head[torch.arange(len(w["d2t"])) + w["d2t"]].to(w["lm_head.weight"].dtype)
+
+
+def test_the_gpu_recipe_trains_as_shipped(tiny_target, chat_jsonl, tmp_path):
+    """taide.json with ds_config.json (bf16, ZeRO-2, Muon), from traineagle3/llama as users run
+    them, on a tiny target: the draft gets draft_options.json's norms and the target's frozen head."""
+    out = tmp_path / "out"
+    args = ["--deepspeed_config", "ds_config.json", "--config", "taide.json", "--target", str(tiny_target)]
+    args += ["--train_data", str(chat_jsonl), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
+    args += ["--max_length", "128", "--draft_vocab_size", "2000", "--aux_layers", "1,2,3", "--max_steps", "2"]
+    finish(launch(args + ["--num_proc", "1", "--progress", "false"]))
+    config = json.loads((out / "draft" / "config.json").read_text())
+    assert config["norm_before_fc"] is True and config["norm_output"] is True
+    assert json.loads((out / "ds_config.json").read_text())["optimizer"]["type"] == "Muon"
+    w = weights(out)
+    torch.testing.assert_close(w["lm_head.weight"], target_head_rows(tiny_target, w))

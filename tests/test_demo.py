@@ -100,9 +100,9 @@ def test_a_folder_of_another_recipe_is_refused_not_resumed(tmp_path):
 
 
 def test_the_recipes_draft_options_reach_the_draft_config_and_a_typo_is_refused(tmp_path, monkeypatch):
-    """draft_options go into draft_config.json next to the MLP size (none: exactly the file
-    written before the setting existed); a folder of a run without them resumes only while
-    they stay off; a name that is no option stops the demo before it starts."""
+    """draft_options go into draft_config.json next to the MLP size (none: the MLP size alone);
+    a folder resumes only while they stay as they were; a name that is no option stops the
+    demo before it starts."""
     from traineagle3 import demo
     from traineagle3.draft import load_overrides
 
@@ -119,12 +119,11 @@ def test_the_recipes_draft_options_reach_the_draft_config_and_a_typo_is_refused(
     assert config == {"intermediate_size": size, "fc_norm": True, "norm_output": True} == load_overrides(path)
 
     Demo("quick", tmp_path / "run").claim_folder()
-    assert "draft_options" not in json.loads((tmp_path / "run" / "recipe.json").read_text())  # as before the setting
     Demo("quick", tmp_path / "run").claim_folder()
-    on = Demo("quick", tmp_path / "run")
-    on.p["draft_options"] = {"fc_norm": True}
-    with pytest.raises(UserError, match=r"another recipe \(draft_options None -> \{'fc_norm': True\}\)"):
-        on.claim_folder()
+    off = Demo("quick", tmp_path / "run")
+    off.p["draft_options"] = {}
+    with pytest.raises(UserError, match=r"draft_options \{'norm_before_fc': True, 'norm_output': True\} -> \{\}\)"):
+        off.claim_folder()
 
     monkeypatch.setattr(demo, "recipe", lambda profile: recipe(profile) | {"draft_options": {"fc_nrom": True}})
     with pytest.raises(UserError, match=r"cpu_demo.toml: draft_options \['fc_nrom'\] are not draft options"):

@@ -273,7 +273,12 @@ def run_dir(trained, chat_jsonl, tmp_path):
     (draft.parent / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 1, "batches_done": 0}))
     (run / "train_config.json").write_text(json.dumps(to_dict(TrainConfig(train_data=str(chat_jsonl), ttt_steps=3))))
     (run / "ds_config.json").write_text(
-        json.dumps({"optimizer": {"params": {"lr": 0.003}}, "train_micro_batch_size_per_gpu": 2})
+        json.dumps(
+            {
+                "optimizer": {"type": "Muon", "params": {"muon_lr": 0.006, "adam_lr": 0.003, "momentum": 0.95}},
+                "train_micro_batch_size_per_gpu": 2,
+            }
+        )
     )
     log = MetricsLog(run / "metrics.jsonl", True)
     for step, tau in [(2, 1.4321), (4, 1.9876)]:  # the step-4 test comes after this checkpoint
@@ -357,7 +362,7 @@ def test_card_states_the_runs_measurements_and_provenance_pins_the_inputs(run_di
         assert "served by vllm, concurrency 1 | 1.46 | 0.30 0.10 0.06 | 1.11x |" in card
         assert f"- train: `chats.jsonl`, sha256 `{sha(chat_jsonl)}`" in card and str(chat_jsonl) not in card
         assert "| held-out 0.05 of chats.jsonl | replayed" in card  # the card names data files, not their paths
-        assert "- lr: 0.003" in card and "- ttt_steps: 3" in card
+        assert "- optimizer: Muon (muon_lr 0.006, adam_lr 0.003)" in card and "- ttt_steps: 3" in card
         prov = json.loads((out / engine / "provenance.json").read_text())
         assert prov["training_data"]["train"] == {"source": str(chat_jsonl), "sha256": sha(chat_jsonl)}
         assert prov["target"]["weights_sha256"] == {"model.safetensors": sha(tiny_target / "model.safetensors")}

@@ -40,6 +40,7 @@ RECIPE = (
     "max_length",
     "draft_vocab_size",
     "draft_init",
+    "freeze_lm_head",
     "feature_noise",
     "epochs",
     "max_steps",
@@ -307,9 +308,10 @@ def recipe_section(prov: dict) -> list[str]:
     train, ds = prov["train_config"], prov["ds_config"] or {}
     if not train:
         return ["Unknown: the training run (train_config.json) was not found beside the draft."]
-    opt = ds.get("optimizer", {}).get("params", {})
+    opt = ds.get("optimizer", {})
+    lrs = ", ".join(f"{k} {v}" for k, v in opt.get("params", {}).items() if k.endswith("lr"))
     extra = {
-        "lr": opt.get("lr"),
+        "optimizer": f"{opt['type']} ({lrs})" if "type" in opt else None,
         "micro batch": ds.get("train_micro_batch_size_per_gpu"),
         "gradient accumulation": ds.get("gradient_accumulation_steps"),
     }

