@@ -175,10 +175,24 @@ def test_one_cpu_rank_skips_the_shared_memory_op(baseline):
     assert "shm_comm" not in (baseline.parent / "run.log").read_text()
 
 
-def test_two_ranks_match_one_rank_with_doubled_accumulation(baseline, tiny_target, chat_jsonl, tmp_path):
-    out = tmp_path / "out"
-    finish(launch(train_args(tiny_target, chat_jsonl, out, ds_config(tmp_path, accum=1), tmp_path / "cache"), ranks=2))
-    one, two = weights(baseline), weights(out)
+def test_two_ranks_match_one_rank_with_doubled_accumulation(tiny_target, chat_jsonl, tmp_path):
+    """With Muon (ds_config_cpu.json's optimizer) under ZeRO-2, a matrix split between the two
+    ranks' partitions must still be orthogonalised whole. An MLP of 96 puts the middle of the
+    Muon group's flattened matrices inside v_proj (asserted below), so one is split."""
+    (tmp_path / "draft.json").write_text(json.dumps({"intermediate_size": 96}))
+    runs = {}
+    for ranks, accum in [(1, 2), (2, 1)]:
+        out = tmp_path / f"ranks{ranks}"
+        ds, cache = ds_config(tmp_path, accum=accum), tmp_path / "cache"
+        args = train_args(tiny_target, chat_jsonl, out, ds, cache, "--draft_config", str(tmp_path / "draft.json"))
+        finish(launch(args, ranks=ranks))
+        runs[ranks] = weights(out)
+    one, two = runs[1], runs[2]
+    order = ["fc.", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the model's
+    muon = [next(v.numel() for k, v in one.items() if name in k) for name in order]
+    assert sum(muon) == sum(v.numel() for k, v in one.items() if v.dim() == 2 and "lm_head" not in k)
+    ends = torch.tensor(muon).cumsum(0)
+    assert not (ends == sum(muon) // 2).any(), "no Muon matrix straddles the two partitions"
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
     assert any((one[k] != 0).any() and k.endswith("weight") for k in one)
