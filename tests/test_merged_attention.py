@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 from traineagle3 import merged_attention, teacher_loss
 from traineagle3.draft import Eagle3Draft
 from traineagle3.merged_attention import merged_ttt_attention
-from traineagle3.teacher_loss import plain_teacher_ce, teacher_ce
+from traineagle3.teacher_loss import LOSS_TYPES, plain_teacher_ce, teacher_ce
 from traineagle3.ttt import ttt_attention, ttt_unroll
 from traineagle3.vocab import VocabMap
 
@@ -104,7 +104,7 @@ def test_merged_attention_keeps_no_L_by_L_tensor_for_backward():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loss_type", ["soft", "hard"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_blockwise_teacher_ce_equals_plain(device, dtype, loss_type, monkeypatch):
     monkeypatch.setattr(
         teacher_loss, "BLOCK_ELEMENTS", 3 * 50
@@ -126,6 +126,25 @@ def test_blockwise_teacher_ce_equals_plain(device, dtype, loss_type, monkeypatch
     assert (grad[weight == 0] == 0).all() and (grad[weight > 0] != 0).any()
 
 
+def test_lk_losses_are_minus_log_acceptance_and_its_blend_with_kl():
+    g = torch.Generator().manual_seed(3)
+    logits, teacher = torch.randn(1, 5, 7, generator=g), 2 * torch.randn(1, 5, 7, generator=g)
+    weight = torch.ones(1, 5)
+    p, q = teacher.softmax(-1), logits.softmax(-1)
+    alpha = torch.where(p < q, p, q).sum(-1)  # the chance that a token sampled from q is accepted
+    kl = (p * (p / q).log()).sum(-1)
+    lam = (-3 * alpha).exp()
+    torch.testing.assert_close(teacher_ce(logits, teacher, weight, "lk_nla"), -alpha.log().sum())
+    hybrid = (lam * kl + (1 - lam) * (1 - alpha)).sum()
+    torch.testing.assert_close(teacher_ce(logits, teacher, weight, "lk_hybrid"), hybrid)
+    for loss_type in ("lk_nla", "lk_hybrid"):  # a draft equal to the target: nothing left to gain
+        assert abs(float(teacher_ce(teacher, teacher, weight, loss_type))) < 1e-5
+    x = logits.clone().requires_grad_()  # a small step down the gradient raises every position's alpha
+    teacher_ce(x, teacher, weight, "lk_nla").backward()
+    stepped = (logits - 0.05 * x.grad).softmax(-1)
+    assert (torch.minimum(p, stepped).sum(-1) > alpha).all()
+
+
 def small_draft(seed=0):
     target = LlamaConfig(
         vocab_size=300,
@@ -140,7 +159,7 @@ def small_draft(seed=0):
     return Eagle3Draft.from_target(target, VocabMap(torch.arange(120), target.vocab_size), [1, 2, 3])
 
 
-@pytest.mark.parametrize("loss_type", ["soft", "hard"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_unroll_losses_and_grads_equal_with_either_formulation(loss_type):
     draft = small_draft()
     g = torch.Generator().manual_seed(2)

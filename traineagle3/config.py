@@ -97,7 +97,11 @@ class TrainConfig:
     ttt_decay: float = field(default=0.8, metadata={"help": "loss weight of TTT step k is decay**k"})
     loss_type: str = field(
         default="soft",
-        metadata={"help": "'soft' (CE against the target distribution) or 'hard' (CE against its top-1)"},
+        metadata={
+            "help": "'soft' (CE against the target distribution), 'hard' (CE against its top-1), "
+            "'lk_nla' (-log of the acceptance probability sum min(p, q)) or 'lk_hybrid' (KL blended into "
+            "total variation as that probability grows): teacher_loss.py"
+        },
     )
     ttt_impl: str = field(
         default="efficient",

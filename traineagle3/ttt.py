@@ -33,10 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from .merged_attention import merged_ttt_attention
-from .teacher_loss import plain_teacher_ce, teacher_ce
+from .teacher_loss import LOSS_TYPES, plain_teacher_ce, teacher_ce
 
 IMPLS = ("efficient", "reference")
-LOSS_TYPES = ("soft", "hard")  # KL to the target's distribution, or CE to its top-1
 
 
 def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
