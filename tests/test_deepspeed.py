@@ -293,7 +293,7 @@ def target_head_rows(target, w):
 
 def test_the_gpu_recipe_trains_as_shipped(tiny_target, chat_jsonl, tmp_path):
     """taide.json with ds_config.json (bf16, ZeRO-2, Muon), from traineagle3/llama as users run
-    them, on a tiny target: the draft gets draft_options.json's norms and the target's frozen head."""
+    them, on a tiny target: the draft gets draft_options.json's norms and starts from the target's head."""
     out = tmp_path / "out"
     args = ["--deepspeed_config", "ds_config.json", "--config", "taide.json", "--target", str(tiny_target)]
     args += ["--train_data", str(chat_jsonl), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
@@ -302,8 +302,8 @@ def test_the_gpu_recipe_trains_as_shipped(tiny_target, chat_jsonl, tmp_path):
     config = json.loads((out / "draft" / "config.json").read_text())
     assert config["norm_before_fc"] is True and config["norm_output"] is True
     assert json.loads((out / "ds_config.json").read_text())["optimizer"]["type"] == "Muon"
-    # two steps of the 2000-step warm-up barely move a trained head: the run's config says it was frozen
     train = json.loads((out / "train_config.json").read_text())
-    assert (train["freeze_lm_head"], train["draft_init"], train["ttt_decay"]) == (True, "target_head", 1.0)
+    assert (train["freeze_lm_head"], train["draft_init"], train["ttt_decay"]) == (False, "target_head", 1.0)
+    # two steps of the 2000-step warm-up move the trained head by ~1e-6 from the target's rows
     w = weights(out)
-    torch.testing.assert_close(w["lm_head.weight"], target_head_rows(tiny_target, w))
+    torch.testing.assert_close(w["lm_head.weight"], target_head_rows(tiny_target, w), atol=1e-3, rtol=0)
