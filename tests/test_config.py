@@ -50,7 +50,7 @@ def test_unknown_or_invalid_fields_are_refused(tmp_path):
         ({"max_length": "1024"}, "max_length must be int, not '1024'"),
         ({"aux_layers": [1, 2.5, 3]}, "aux_layers must be list[int] | None"),
         ({"resume": 1}, "resume must be bool, not 1"),
-        ({"loss_type": "kl"}, "loss_type must be one of soft, hard, not 'kl'"),
+        ({"loss_type": "kl"}, "loss_type must be one of soft, hard, lk_nla, lk_hybrid, not 'kl'"),
         ({"ttt_steps": 0}, "ttt_steps must be at least 1, not 0"),
         ({"test_fraction": 1.0}, "test_fraction must be below 1"),
     ],
